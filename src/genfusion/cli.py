@@ -1,0 +1,123 @@
+"""`genfusion` command line: one sub-command per pipeline stage (dvc.yaml calls these).
+
+Heavy libraries (torch, ultralytics, dvclive) are imported inside the commands so
+that `genfusion --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from genfusion.errors import GenfusionError
+
+app = typer.Typer(
+    help="Train object detectors from a few real images plus diffusion-generated data (run `dvc repro`).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="Parameters file.")]
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, show_time=False, rich_tracebacks=False)],
+    )
+
+
+@app.command()
+def params(params_path: ParamsOpt = Path("params.yaml")) -> None:
+    """Check params.yaml and print it with every default filled in."""
+    import yaml
+
+    from genfusion.params import load_params
+
+    loaded = load_params(params_path)
+    typer.echo(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False))
+
+
+@app.command()
+def seeds(
+    out: Annotated[Path, typer.Option(help="Output YOLO dataset folder.")] = Path("data/real"),
+    report: Annotated[Path, typer.Option(help="Import report (JSON metric).")] = Path("metrics/import.json"),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Import, normalise, tile and split the real seed images (source: seeds.source)."""
+    from genfusion.seeds import main
+
+    main(params_path, out, report)
+
+
+@app.command()
+def datasets(
+    variant: Annotated[str, typer.Argument(help="Dataset variant, e.g. real.")],
+    real: Annotated[Path, typer.Option(help="Real dataset written by `seeds`.")] = Path("data/real"),
+    out: Annotated[Path, typer.Option(help="Output folder for this variant.")] = Path("data/datasets/real"),
+) -> None:
+    """Write the YOLO dataset definition a detector variant trains on."""
+    from genfusion.datasets import build_dataset
+
+    counts = build_dataset(variant, real, out)
+    logging.getLogger("genfusion").info("datasets: %s", counts)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Dataset folder from `datasets`.")],
+    out: Annotated[Path, typer.Option(help="Output folder for the trained detector.")],
+    live: Annotated[Path, typer.Option(help="dvclive folder for training curves.")],
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Train one YOLO detector (params: train.*)."""
+    from genfusion.train import main
+
+    main(data / "dataset.yaml", out, live, params_path, seed)
+
+
+@app.command()
+def evaluate(
+    weights: Annotated[Path, typer.Option(help="Trained weights (best.pt).")],
+    data: Annotated[Path, typer.Option(help="Dataset folder from `datasets`.")],
+    out: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
+    pr: Annotated[Path, typer.Option(help="Precision-recall curve CSV to write.")],
+    variant: Annotated[str, typer.Option(help="Variant name, recorded in the metrics.")],
+    seed: Annotated[int, typer.Option(help="Seed, recorded in the metrics.")] = 0,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Score a detector on the real test split."""
+    from genfusion.evaluate import main
+
+    main(weights, data, out, pr, params_path, variant, seed)
+
+
+@app.command()
+def report(
+    eval_dir: Annotated[Path, typer.Option(help="Folder of evaluate's metrics.")] = Path("metrics/eval"),
+    summary: Annotated[Path, typer.Option(help="Summary JSON to write.")] = Path("metrics/summary.json"),
+    markdown: Annotated[Path, typer.Option(help="Markdown table to write.")] = Path("reports/summary.md"),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Table-1 style summary: mean +- std over seeds per variant and model."""
+    from genfusion.report import main
+
+    main(eval_dir, summary, markdown, params_path)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except GenfusionError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)

@@ -1,0 +1,67 @@
+"""Reading user images into plain 8-bit RGB, with a clear error for what cannot be read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from genfusion.errors import GenfusionError
+
+EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(image: Image.Image) -> int:
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    return orientation if orientation in range(1, 9) else 1
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open lazily (header only), naming the file when it is not an image."""
+    try:
+        return Image.open(path)
+    except FileNotFoundError:
+        raise GenfusionError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise GenfusionError(f"{path}: not a readable image ({exc})") from None
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) once EXIF orientation is applied, from the header alone."""
+    width, height = image.size
+    return (height, width) if exif_orientation(image) in (5, 6, 7, 8) else (width, height)
+
+
+def to_rgb(image: Image.Image, path: Path) -> tuple[Image.Image, str | None]:
+    """Decode, apply EXIF orientation and convert to 8-bit RGB.
+
+    Returns the image and the kind of conversion made (for the import report), or
+    None when the image was already 8-bit RGB.
+    """
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise GenfusionError(f"{path}: corrupt or truncated image ({exc})") from None
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode == "RGB":
+        return image, None
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Aerial and microscope images use alpha for no-data; black is the usual fill.
+        background = Image.new("RGB", image.size)
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background, "alpha"
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        # Full 16-bit range to 8 bits; a 32-bit image holding 8-bit values is kept as is.
+        scale = 255.0 / 65535.0 if values.max(initial=0) > 255 else 1.0
+        gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB"), "16bit"
+    if mode in ("L", "1"):
+        return image.convert("RGB"), "grayscale"
+    if mode in ("P", "CMYK", "YCbCr", "LAB", "HSV"):
+        return image.convert("RGB"), mode.lower()
+    raise GenfusionError(
+        f"{path}: unsupported pixel mode {mode!r}; convert it to 8-bit RGB, grayscale or 16-bit grayscale"
+    )

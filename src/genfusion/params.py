@@ -1,0 +1,164 @@
+"""Typed view of params.yaml: one model per stage section, strict about keys and values.
+
+An unknown key is an error that suggests the closest known key; a bad value is an
+error naming the key and what is allowed. Stages load the whole file so that a typo
+anywhere is caught by the first stage that runs, not hours later.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from genfusion.errors import GenfusionError
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+SPLITS = ("train", "val", "test")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SeedsParams(Section):
+    source: Path
+    format: Literal["auto", "voc", "coco", "yolo", "label_studio"] = "auto"
+    class_map: dict[str, str]
+    tile_size: PositiveInt = 320
+    tile_overlap: Annotated[int, Field(ge=0)] = 64
+    min_visibility: Fraction = 0.5
+    min_box_size: Annotated[float, Field(ge=0.0)] = 2.0
+    split_by: Literal["scene", "tile"] = "scene"
+    split: dict[Literal["train", "val", "test"], Fraction] = {"train": 0.7, "val": 0.15, "test": 0.15}
+    split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SeedsParams:
+        if self.tile_overlap >= self.tile_size:
+            raise ValueError(
+                f"tile_overlap ({self.tile_overlap}) must be smaller than tile_size ({self.tile_size})"
+            )
+        if self.min_box_size >= self.tile_size:
+            raise ValueError(
+                f"tile_size ({self.tile_size}) is not larger than min_box_size ({self.min_box_size}):"
+                " no box could be kept"
+            )
+        missing = [s for s in SPLITS if s not in self.split]
+        if missing:
+            raise ValueError(f"split needs a fraction for each of {list(SPLITS)}; missing {missing}")
+        total = sum(self.split.values())
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"split fractions must sum to 1, they sum to {total:g}: {dict(self.split)}")
+        return self
+
+
+class TrainParams(Section):
+    variants: list[Literal["real"]] = ["real"]
+    seeds: list[int] = [0]
+    model: str = "yolov8n.yaml"
+    imgsz: PositiveInt = 320
+    epochs: PositiveInt = 60
+    batch: PositiveInt = 8
+    workers: Annotated[int, Field(ge=0)] = 2
+    device: str = "cpu"
+    deterministic: bool = True
+    patience: Annotated[int, Field(ge=0)] = 0
+    lr0: Annotated[float, Field(gt=0)] = 0.01
+    mosaic: Fraction = 1.0
+    close_mosaic: Annotated[int, Field(ge=0)] = 10
+    fliplr: Fraction = 0.5
+    flipud: Fraction = 0.5
+    degrees: Annotated[float, Field(ge=0, le=180)] = 0.0
+    scale: Fraction = 0.5
+    hsv_h: Fraction = 0.015
+    hsv_s: Fraction = 0.7
+    hsv_v: Fraction = 0.4
+
+    @field_validator("imgsz")
+    @classmethod
+    def _stride_multiple(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32 (YOLO's stride), got {v}")
+        return v
+
+    @field_validator("variants", "seeds")
+    @classmethod
+    def _non_empty_unique(cls, v: list) -> list:
+        if not v:
+            raise ValueError("needs at least one entry")
+        if len(set(v)) != len(v):
+            raise ValueError(f"has duplicates: {v}")
+        return v
+
+
+class EvaluateParams(Section):
+    conf: Fraction = 0.001
+    iou: Fraction = 0.7
+
+
+class Params(Section):
+    classes: list[str]
+    seeds: SeedsParams
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _classes_known(self) -> Params:
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be a non-empty list without duplicates: {self.classes}")
+        for source_name, target in self.seeds.class_map.items():
+            if target not in self.classes:
+                raise ValueError(
+                    f"seeds.class_map maps {source_name!r} to {target!r}, which is not in"
+                    f" classes {self.classes}"
+                )
+        return self
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the (nested) model that `loc` points into."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = error["loc"]
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _fields_at(Params, loc), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{key}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {error.get('input')!r})"
+
+
+def parse_params(data: Any, path: Path = Path("params.yaml")) -> Params:
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n  ".join(_describe(e) for e in exc.errors())
+        raise GenfusionError(f"{path}: invalid params:\n  {problems}") from None
+
+
+def load_params(path: Path = Path("params.yaml")) -> Params:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GenfusionError(f"{path}: params file not found (run from the project root)") from None
+    except yaml.YAMLError as exc:
+        raise GenfusionError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(data, path)

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from genfusion.errors import GenfusionError
+from genfusion.params import load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_project_params_load_with_their_defaults() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert params.classes == ["tree"]
+    assert set(params.seeds.class_map) == {"Tree", "Alive", "Dead"}
+    assert params.train.model == "yolov8n.yaml"
+
+
+def test_unknown_key_suggests_the_close_match(raw: dict) -> None:
+    raw["seeds"]["tile_sise"] = raw["seeds"].pop("tile_size")
+    with pytest.raises(GenfusionError, match=r"seeds\.tile_sise: unknown key; did you mean 'tile_size'\?"):
+        parse_params(raw)
+
+
+def test_unknown_section_suggests_the_close_match(raw: dict) -> None:
+    raw["evalute"] = raw.pop("evaluate")
+    with pytest.raises(GenfusionError, match=r"evalute: unknown key; did you mean 'evaluate'\?"):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("train", "epochs", 0, r"train\.epochs: Input should be greater than or equal to 1"),
+        ("train", "imgsz", 100, r"train\.imgsz: must be a multiple of 32"),
+        ("seeds", "split_by", "site", r"seeds\.split_by: Input should be 'scene' or 'tile'"),
+        ("seeds", "format", "xml", r"seeds\.format: Input should be 'auto', 'voc'"),
+        ("train", "seeds", [0, 0], r"train\.seeds: has duplicates"),
+        ("seeds", "min_visibility", 1.5, r"seeds\.min_visibility: Input should be less than or equal to 1"),
+    ],
+)
+def test_bad_value_names_the_key_and_what_is_allowed(raw, section, key, value, message) -> None:
+    raw[section][key] = value
+    with pytest.raises(GenfusionError, match=message):
+        parse_params(raw)
+
+
+def test_split_fractions_must_sum_to_one(raw: dict) -> None:
+    raw["seeds"]["split"] = {"train": 0.8, "val": 0.15, "test": 0.15}
+    with pytest.raises(GenfusionError, match=r"split fractions must sum to 1, they sum to 1\.1"):
+        parse_params(raw)
+
+
+def test_overlap_must_be_smaller_than_the_tile(raw: dict) -> None:
+    raw["seeds"]["tile_overlap"] = raw["seeds"]["tile_size"]
+    with pytest.raises(GenfusionError, match=r"tile_overlap \(320\) must be smaller than tile_size"):
+        parse_params(raw)
+
+
+def test_class_map_must_target_project_classes(raw: dict) -> None:
+    bad = copy.deepcopy(raw)
+    bad["seeds"]["class_map"]["Dead"] = "snag"
+    with pytest.raises(GenfusionError, match=r"maps 'Dead' to 'snag', which is not in classes \['tree'\]"):
+        parse_params(bad)
+
+
+def test_missing_file_and_bad_yaml_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(GenfusionError, match=r"nope\.yaml: params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    broken = tmp_path / "params.yaml"
+    broken.write_text("seeds: [unclosed\n")
+    with pytest.raises(GenfusionError, match=r"params\.yaml: not valid YAML"):
+        load_params(broken)
