@@ -24,7 +24,10 @@ def test_windows_cover_the_image_edge_to_edge() -> None:
 def test_small_image_is_one_window_of_its_own_size() -> None:
     assert tile_windows(200, 150, tile=320, overlap=64) == [Window(0, 0, 200, 150)]
     # Larger than a tile in one direction only: tiled along that direction alone.
-    assert [(w.x0, w.width, w.height) for w in tile_windows(500, 100, 320, 64)] == [(0, 320, 100), (180, 320, 100)]
+    assert [(w.x0, w.width, w.height) for w in tile_windows(500, 100, 320, 64)] == [
+        (0, 320, 100),
+        (180, 320, 100),
+    ]
 
 
 def test_box_cut_by_the_window_is_kept_by_visible_fraction() -> None:
@@ -33,7 +36,9 @@ def test_box_cut_by_the_window_is_kept_by_visible_fraction() -> None:
     mostly_out = Box("tree", 70, 10, 110, 30)  # 10 of 40 px inside
     whole = Box("tree", 150, 50, 160, 60)
     elsewhere = Box("tree", 0, 0, 10, 10)
-    cut = boxes_in_window([mostly_in, mostly_out, whole, elsewhere], window, min_visibility=0.5, min_box_size=2)
+    cut = boxes_in_window(
+        [mostly_in, mostly_out, whole, elsewhere], window, min_visibility=0.5, min_box_size=2
+    )
     assert cut.boxes == (Box("tree", 0, 10, 30, 30), Box("tree", 50, 50, 60, 60))
     assert (cut.cut, cut.dropped) == (1, 1)
 
@@ -74,3 +79,8 @@ def test_exif_point_matches_pil_exif_transpose(orientation: int) -> None:
     y, x = np.argwhere(shown[..., 0] == 255)[0]
     # Pixel centres map to pixel centres.
     assert exif_point(1.5, 0.5, 6, 4, orientation) == (x + 0.5, y + 0.5)
+
+
+def test_as_many_scenes_as_splits_give_one_scene_each() -> None:
+    splits = assign_splits({"a": 4, "b": 4, "c": 4}, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=0)
+    assert sorted(splits.values()) == ["test", "train", "val"]

@@ -31,8 +31,13 @@ def build_dataset(variant: str, real: Path, out: Path) -> dict:
     to_real = Path(os.path.relpath(real, out))
     splits = {split: (to_real / "images" / split).as_posix() for split in ("train", "val", "test")}
     train_images, train_boxes = count_split(real, "train")
-    counts = {"variant": variant, "real_images": train_images, "synthetic_images": 0,
-              "train_images": train_images, "train_boxes": train_boxes}
+    counts = {
+        "variant": variant,
+        "real_images": train_images,
+        "synthetic_images": 0,
+        "train_images": train_images,
+        "train_boxes": train_boxes,
+    }
     body = yaml.safe_dump(splits | {"names": real_yaml["names"]}, sort_keys=False)
     with fsio.replace_dir(out) as tmp:
         (tmp / "dataset.yaml").write_text(

@@ -38,17 +38,28 @@ def pr_curve_csv(recall: np.ndarray, precision: np.ndarray) -> str:
     return text.getvalue()
 
 
-def evaluate_detector(weights: Path, data_yaml: Path, train_params: TrainParams,
-                      params: EvaluateParams) -> tuple[dict, str]:
+def evaluate_detector(
+    weights: Path, data_yaml: Path, train_params: TrainParams, params: EvaluateParams
+) -> tuple[dict, str]:
     """Score `weights` on the test split of `data_yaml`: (metrics, PR curve CSV)."""
     if not weights.is_file():
         raise GenfusionError(f"{weights}: trained weights not found; run the train stage first")
     model = load_yolo(weights)
     with tempfile.TemporaryDirectory(prefix="genfusion-val-") as scratch:
-        result = model.val(data=str(data_yaml.resolve()), split="test", imgsz=train_params.imgsz,
-                           batch=train_params.batch, conf=params.conf, iou=params.iou,
-                           device=train_params.device, workers=train_params.workers,
-                           project=scratch, name="test", plots=False, verbose=False)
+        result = model.val(
+            data=str(data_yaml.resolve()),
+            split="test",
+            imgsz=train_params.imgsz,
+            batch=train_params.batch,
+            conf=params.conf,
+            iou=params.iou,
+            device=train_params.device,
+            workers=train_params.workers,
+            project=scratch,
+            name="test",
+            plots=False,
+            verbose=False,
+        )
     box = result.box
     metrics = {
         "map": float(box.map),
@@ -61,14 +72,21 @@ def evaluate_detector(weights: Path, data_yaml: Path, train_params: TrainParams,
     return metrics, pr_curve_csv(np.asarray(box.px), precision)
 
 
-def main(weights: Path, data_dir: Path, out: Path, pr_out: Path, params_path: Path,
-         variant: str, seed: int) -> None:
+def main(
+    weights: Path, data_dir: Path, out: Path, pr_out: Path, params_path: Path, variant: str, seed: int
+) -> None:
     from genfusion.params import load_params
 
     params = load_params(params_path)
     metrics, pr_csv = evaluate_detector(weights, data_dir / "dataset.yaml", params.train, params.evaluate)
     counts = json.loads((data_dir / "counts.json").read_text())
-    record = {"variant": variant, "seed": seed, "model": model_name(params.train.model), **metrics,
-              "train_images": counts["train_images"], "synthetic_images": counts["synthetic_images"]}
+    record = {
+        "variant": variant,
+        "seed": seed,
+        "model": model_name(params.train.model),
+        **metrics,
+        "train_images": counts["train_images"],
+        "synthetic_images": counts["synthetic_images"],
+    }
     fsio.write_text(pr_out, pr_csv)
     fsio.write_json(out, record)

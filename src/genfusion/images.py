@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +29,25 @@ def open_image(path: Path) -> Image.Image:
         raise GenfusionError(f"{path}: not a readable image ({exc})") from None
 
 
-def displayed_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) once EXIF orientation is applied, from the header alone."""
-    width, height = image.size
-    return (height, width) if exif_orientation(image) in (5, 6, 7, 8) else (width, height)
+@dataclass(frozen=True)
+class Header:
+    raw_size: tuple[int, int]  # (width, height) as stored
+    orientation: int  # EXIF orientation, 1 when absent
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) as displayed, once EXIF orientation is applied."""
+        width, height = self.raw_size
+        return (height, width) if self.orientation in (5, 6, 7, 8) else (width, height)
+
+
+def read_header(path: Path) -> Header:
+    """Size and orientation without decoding the pixels (a PNG may keep EXIF after them)."""
+    with open_image(path) as image:
+        try:
+            return Header(image.size, exif_orientation(image))
+        except (OSError, SyntaxError, ValueError, struct.error) as exc:
+            raise GenfusionError(f"{path}: corrupt or truncated image ({exc})") from None
 
 
 def to_rgb(image: Image.Image, path: Path) -> tuple[Image.Image, str | None]:
@@ -41,9 +58,9 @@ def to_rgb(image: Image.Image, path: Path) -> tuple[Image.Image, str | None]:
     """
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError) as exc:
+        image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:
         raise GenfusionError(f"{path}: corrupt or truncated image ({exc})") from None
-    image = ImageOps.exif_transpose(image)
     mode = image.mode
     if mode == "RGB":
         return image, None

@@ -41,14 +41,17 @@ def summarise(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
         groups[(record["variant"], record["model"])].append(record)
     summary: dict[str, dict[str, dict]] = defaultdict(dict)
     for (variant, model), runs in groups.items():
-        row: dict = {"seeds": len(runs), "train_images": runs[0]["train_images"],
-                     "synthetic_images": runs[0]["synthetic_images"]}
+        row: dict = {
+            "seeds": len(runs),
+            "train_images": runs[0]["train_images"],
+            "synthetic_images": runs[0]["synthetic_images"],
+        }
         for key, _ in METRICS:
             values = [r[key] for r in runs]
             row[f"{key}_mean"] = statistics.fmean(values)
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         summary[variant][model] = row
-    for variant, models in summary.items():
+    for models in summary.values():
         for model, row in models.items():
             base = summary.get(BASELINE, {}).get(model)
             for key, _ in METRICS:

@@ -21,7 +21,7 @@ import yaml
 from genfusion import fsio
 from genfusion.annotations import Box, LabelledImage, yolo_line
 from genfusion.errors import GenfusionError
-from genfusion.images import displayed_size, exif_orientation, open_image, to_rgb
+from genfusion.images import open_image, read_header, to_rgb
 from genfusion.params import SPLITS, SeedsParams
 from genfusion.progress import progress_bar
 from genfusion.tiling import Window, assign_splits, boxes_in_window, exif_box, tile_windows
@@ -57,15 +57,13 @@ def check_scene(
 ) -> Scene:
     """Validate one annotated image against its pixels (header only) and the class map."""
     where = item.source or item.image
-    with open_image(item.image) as image:
-        width, height = displayed_size(image)
-        raw_size = image.size
-        orientation = exif_orientation(image)
+    header = read_header(item.image)
+    width, height = header.size
     boxes = list(item.boxes)
     if item.size and 0 not in item.size and tuple(item.size) != (width, height):
-        if orientation != 1 and tuple(item.size) == raw_size:
+        if header.orientation != 1 and tuple(item.size) == header.raw_size:
             # Annotated on the stored pixels, before EXIF rotation: turn the boxes too.
-            boxes = [exif_box(b, *raw_size, orientation) for b in boxes]
+            boxes = [exif_box(b, *header.raw_size, header.orientation) for b in boxes]
             counts["exif_rotated_boxes"] += len(boxes)
         else:
             raise GenfusionError(
@@ -146,9 +144,7 @@ def dataset_yaml(classes: Sequence[str]) -> str:
     )
 
 
-def write_dataset(
-    out: Path, splits: dict[str, list[Tile]], classes: Sequence[str], counts: Counter
-) -> None:
+def write_dataset(out: Path, splits: dict[str, list[Tile]], classes: Sequence[str], counts: Counter) -> None:
     """Write images, labels, manifest and dataset yaml; `out` appears only when complete."""
     manifest = io.StringIO()
     rows = csv.writer(manifest, lineterminator="\n")
@@ -176,29 +172,45 @@ def write_dataset(
             for tile in sorted(splits[split], key=lambda t: t.name):
                 w = tile.window
                 rows.writerow(
-                    [f"images/{split}/{tile.name}.png", tile.scene.name, split, len(tile.boxes),
-                     w.width, w.height, w.x0, w.y0]
+                    [
+                        f"images/{split}/{tile.name}.png",
+                        tile.scene.name,
+                        split,
+                        len(tile.boxes),
+                        w.width,
+                        w.height,
+                        w.x0,
+                        w.y0,
+                    ]
                 )
         (tmp / "manifest.csv").write_text(manifest.getvalue())
         (tmp / "dataset.yaml").write_text(dataset_yaml(classes))
 
 
 def import_report(scenes: Sequence[Scene], splits: dict[str, list[Tile]], counts: Counter) -> dict:
-    box_keys = ("read", "clipped_to_image", "dropped_zero_area", "dropped_small", "written",
-                "cut_by_tile_edge", "dropped_by_tile_edge", "exif_rotated_boxes")
+    box_keys = (
+        "read",
+        "clipped_to_image",
+        "dropped_zero_area",
+        "dropped_small",
+        "written",
+        "cut_by_tile_edge",
+        "dropped_by_tile_edge",
+        "exif_rotated_boxes",
+    )
     return {
         "scenes": len(scenes),
         "tiles": {s: len(splits[s]) for s in SPLITS},
         "scenes_per_split": {s: len({t.scene.name for t in splits[s]}) for s in SPLITS},
         "boxes_per_split": {s: sum(len(t.boxes) for t in splits[s]) for s in SPLITS},
         "boxes": {k: counts[k] for k in box_keys},
-        "images_converted": {k.removeprefix("converted_"): v for k, v in sorted(counts.items())
-                             if k.startswith("converted_")},
+        "images_converted": {
+            k.removeprefix("converted_"): v for k, v in sorted(counts.items()) if k.startswith("converted_")
+        },
     }
 
 
-def run_seeds(items: Sequence[LabelledImage], params: SeedsParams, classes: Sequence[str],
-              out: Path) -> dict:
+def run_seeds(items: Sequence[LabelledImage], params: SeedsParams, classes: Sequence[str], out: Path) -> dict:
     """The stage's core: annotated images in, `out` dataset written, report returned."""
     counts: Counter = Counter()
     scenes = [check_scene(item, params.class_map, params.min_box_size, counts) for item in items]
@@ -209,7 +221,9 @@ def run_seeds(items: Sequence[LabelledImage], params: SeedsParams, classes: Sequ
     report = import_report(scenes, splits, counts)
     log.info(
         "seeds: %d scenes -> %s tiles (train/val/test), %d boxes written, %d clipped, %d dropped",
-        len(scenes), "/".join(str(len(splits[s])) for s in SPLITS), counts["written"],
+        len(scenes),
+        "/".join(str(len(splits[s])) for s in SPLITS),
+        counts["written"],
         counts["clipped_to_image"] + counts["cut_by_tile_edge"],
         counts["dropped_zero_area"] + counts["dropped_small"] + counts["dropped_by_tile_edge"],
     )

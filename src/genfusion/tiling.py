@@ -83,16 +83,20 @@ def assign_splits(
 
     Largest groups first (ties in a seeded random order), each to the split that is
     furthest below its target share of items; ties go to the earlier split in
-    `fractions`. A group never straddles two splits, so neighbouring tiles of one
-    scene cannot leak from train into test.
+    `fractions`. When only as many groups are left as splits still empty, they go to
+    those splits, so that a few scenes still give a train, a val and a test split.
+    A group never straddles two splits, so neighbouring tiles of one scene cannot
+    leak from train into test.
     """
     total = sum(group_sizes.values())
     target = {split: fraction * total for split, fraction in fractions.items()}
     filled = dict.fromkeys(fractions, 0)
     order = sorted(group_sizes, key=lambda g: (-group_sizes[g], _stable_rank(seed, g)))
     assignment = {}
-    for group in order:
-        split = max(fractions, key=lambda s: target[s] - filled[s])
+    for done, group in enumerate(order):
+        empty = [s for s in fractions if fractions[s] > 0 and filled[s] == 0]
+        candidates = empty if len(empty) >= len(order) - done else list(fractions)
+        split = max(candidates, key=lambda s: target[s] - filled[s])
         assignment[group] = split
         filled[split] += group_sizes[group]
     return assignment

@@ -22,8 +22,25 @@ from genfusion.yolo import load_yolo
 log = logging.getLogger(__name__)
 
 # Ultralytics train() arguments that come straight from params.
-YOLO_ARGS = ("imgsz", "epochs", "batch", "workers", "device", "deterministic", "patience", "lr0",
-             "mosaic", "close_mosaic", "fliplr", "flipud", "degrees", "scale", "hsv_h", "hsv_s", "hsv_v")
+YOLO_ARGS = (
+    "imgsz",
+    "epochs",
+    "batch",
+    "workers",
+    "device",
+    "deterministic",
+    "patience",
+    "lr0",
+    "mosaic",
+    "close_mosaic",
+    "fliplr",
+    "flipud",
+    "degrees",
+    "scale",
+    "hsv_h",
+    "hsv_s",
+    "hsv_v",
+)
 
 
 def train_args(params: TrainParams, seed: int) -> dict:
@@ -72,8 +89,15 @@ def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainPara
     if resume:
         model.train(resume=True, data=data, workers=params.workers, device=params.device)
     else:
-        model.train(data=data, project=str(scratch.parent), name=scratch.name, exist_ok=True,
-                    plots=False, verbose=False, **args)
+        model.train(
+            data=data,
+            project=str(scratch.parent),
+            name=scratch.name,
+            exist_ok=True,
+            plots=False,
+            verbose=False,
+            **args,
+        )
     live.end()
 
     for stale in (out, live_out):

@@ -19,7 +19,17 @@ if TYPE_CHECKING:
 
 # Per-project settings folder (git-ignored), so runs never touch ~/.config.
 CONFIG_DIR = Path(".yolo")
-OFF_INTEGRATIONS = ("sync", "hub", "dvc", "tensorboard", "mlflow", "wandb", "clearml", "comet", "neptune", "raytune")
+OFF_INTEGRATIONS = (
+    "sync",
+    "dvc",
+    "tensorboard",
+    "mlflow",
+    "wandb",
+    "clearml",
+    "comet",
+    "raytune",
+    "vscode_msg",
+)
 
 
 def configure_offline(config_dir: Path = CONFIG_DIR) -> None:
@@ -35,7 +45,8 @@ def configure_offline(config_dir: Path = CONFIG_DIR) -> None:
         shutil.copyfile(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf", font)
     from ultralytics import settings
 
-    wanted = dict.fromkeys(OFF_INTEGRATIONS, False)
+    # Settings differ between Ultralytics releases; switch off those this one has.
+    wanted = {k: False for k in OFF_INTEGRATIONS if k in settings}
     if any(settings.get(k) != v for k, v in wanted.items()):
         settings.update(wanted)
 

@@ -1,0 +1,247 @@
+"""The seeds stage on the real NEON scenes and on hand-made bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from genfusion.annotations import Box, LabelledImage, parse_yolo_line
+from genfusion.errors import GenfusionError
+from genfusion.formats import read_annotations
+from genfusion.params import SeedsParams
+from genfusion.seeds import run_seeds
+
+CLASS_MAP = {"Tree": "tree", "Alive": "tree", "Dead": "tree"}
+
+
+def seeds_params(**overrides) -> SeedsParams:
+    base = {"source": Path("unused"), "class_map": CLASS_MAP, "tile_size": 320, "tile_overlap": 64}
+    return SeedsParams(**(base | overrides))
+
+
+def read_tiles(out: Path) -> dict[str, tuple[str, list[Box]]]:
+    """name -> (split, boxes in tile pixels) from what the stage wrote."""
+    tiles = {}
+    for label_file in sorted(out.glob("labels/*/*.txt")):
+        split = label_file.parent.name
+        with Image.open(out / "images" / split / f"{label_file.stem}.png") as image:
+            width, height = image.size
+        boxes = [
+            parse_yolo_line(line, ["tree"], width, height) for line in label_file.read_text().splitlines()
+        ]
+        tiles[label_file.stem] = (split, boxes)
+    return tiles
+
+
+def visible_count(boxes: np.ndarray, x0: int, y0: int, size: int, min_visibility: float) -> int:
+    """Independent count of boxes at least `min_visibility` inside a window (numpy, not the stage)."""
+    ix = np.clip(boxes[:, 2], x0, x0 + size) - np.clip(boxes[:, 0], x0, x0 + size)
+    iy = np.clip(boxes[:, 3], y0, y0 + size) - np.clip(boxes[:, 1], y0, y0 + size)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    inside = ix * iy
+    return int(((inside > 0) & (inside >= min_visibility * area) & (np.minimum(ix, iy) >= 2)).sum())
+
+
+@pytest.fixture(scope="module")
+def neon_items(neon_seeds: Path) -> list[LabelledImage]:
+    return read_annotations(neon_seeds)
+
+
+def test_known_scenes_give_known_tiles_and_boxes(neon_items, tmp_path: Path) -> None:
+    out = tmp_path / "real"
+    report = run_seeds(neon_items, seeds_params(), ["tree"], out)
+    # 1249 x 1035 at tile 320 / stride 256: 5 x 4 tiles; each 400 x 400 scene: 2 x 2.
+    assert sum(report["tiles"].values()) == 20 + 4 + 4
+    assert report["scenes_per_split"] == {"train": 1, "val": 1, "test": 1}
+    assert report["tiles"]["train"] == 20  # the big scene alone fills the train share
+    expected = 0
+    for item in neon_items:
+        boxes = np.array([[b.x0, b.y0, b.x1, b.y1] for b in item.boxes])
+        xs = [0, 256, 512, 768, 929] if item.size[0] > 400 else [0, 80]
+        ys = [0, 256, 512, 715] if item.size[0] > 400 else [0, 80]
+        expected += sum(visible_count(boxes, x, y, 320, 0.5) for x in xs for y in ys)
+    assert report["boxes"]["read"] == 61 + 37 + 279
+    assert report["boxes"]["written"] == expected
+    assert sum(len(b) for _, b in read_tiles(out).values()) == expected
+    manifest = (out / "manifest.csv").read_text().splitlines()
+    assert len(manifest) == 1 + 28 and manifest[0] == "image,scene,split,boxes,width,height,x0,y0"
+
+
+def test_boxes_round_trip_through_yolo_labels(neon_items, tmp_path: Path) -> None:
+    out = tmp_path / "real"
+    run_seeds(neon_items, seeds_params(tile_size=400, tile_overlap=0), ["tree"], out)
+    tiles = read_tiles(out)
+    for item in neon_items:
+        if item.size != (400, 400):
+            continue  # a 400 px scene is one whole tile: every box must come back
+        _, boxes = tiles[item.image.stem]
+        original = sorted((b.x0, b.y0, b.x1, b.y1) for b in item.boxes)
+        # Sorted after rounding: float noise of the normalised form would reorder equal rows.
+        back = sorted(tuple(round(v, 2) for v in (b.x0, b.y0, b.x1, b.y1)) for b in boxes)
+        assert np.allclose(back, original, atol=1e-3)
+
+
+def test_ultralytics_reads_what_seeds_writes(neon_items, tmp_path: Path) -> None:
+    from genfusion.yolo import configure_offline
+
+    configure_offline()
+    from ultralytics.data.dataset import YOLODataset
+    from ultralytics.data.utils import check_det_dataset
+
+    out = tmp_path / "real"
+    report = run_seeds(neon_items, seeds_params(), ["tree"], out)
+    data = check_det_dataset(str(out / "dataset.yaml"))
+    for split in ("train", "val", "test"):
+        dataset = YOLODataset(img_path=data[split], data=data, task="detect", augment=False, imgsz=320)
+        assert len(dataset.labels) == report["tiles"][split]
+        assert sum(len(label["bboxes"]) for label in dataset.labels) == report["boxes_per_split"][split]
+
+
+def test_same_input_gives_identical_files(neon_items, tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    run_seeds(neon_items, seeds_params(), ["tree"], first)
+    run_seeds(neon_items, seeds_params(), ["tree"], second)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
+
+
+# --- hand-made scenes -------------------------------------------------------------------
+
+
+def scene(
+    folder: Path,
+    name: str,
+    pixels: np.ndarray | Image.Image,
+    boxes: list[Box],
+    size: tuple[int, int] | None = None,
+) -> LabelledImage:
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    path = folder / f"{name}.png"
+    image.save(path)
+    return LabelledImage(path, tuple(boxes), size, folder / f"{name}.xml")
+
+
+def rgb(seed: int, width: int = 64, height: int = 48) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def three_scenes(folder: Path, extra: list[Box] = ()) -> list[LabelledImage]:
+    return [scene(folder, f"s{i}", rgb(i), [Box("Tree", 5, 5, 20, 20), *extra]) for i in range(3)]
+
+
+def test_boxes_outside_the_image_are_clipped_and_zero_area_dropped(tmp_path: Path) -> None:
+    items = three_scenes(tmp_path, [Box("Tree", -10, 30, 10, 60), Box("Tree", 8, 8, 8, 30)])
+    report = run_seeds(items, seeds_params(), ["tree"], tmp_path / "out")
+    assert report["boxes"]["clipped_to_image"] == 3
+    assert report["boxes"]["dropped_zero_area"] == 3
+    assert report["boxes"]["written"] == 6
+    for _, boxes in read_tiles(tmp_path / "out").values():
+        clipped = [b for b in boxes if b.x0 == 0]
+        assert len(clipped) == 1 and clipped[0].y1 == pytest.approx(48, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("mode", "make", "kind"),
+    [
+        ("RGBA", lambda a: Image.fromarray(np.dstack([a, np.full(a.shape[:2], 255, np.uint8)])), "alpha"),
+        ("L", lambda a: Image.fromarray(a[..., 0]), "grayscale"),
+        ("I;16", lambda a: Image.fromarray(a[..., 0].astype(np.uint16) * 257), "16bit"),
+        ("P", lambda a: Image.fromarray(a).quantize(16), "p"),
+    ],
+)
+def test_non_rgb_images_are_converted_and_counted(tmp_path: Path, mode, make, kind) -> None:
+    items = three_scenes(tmp_path)
+    pixels = rgb(7)
+    items[0] = scene(tmp_path, "odd", make(pixels), [Box("Tree", 5, 5, 20, 20)])
+    assert Image.open(items[0].image).mode == mode
+    report = run_seeds(items, seeds_params(), ["tree"], tmp_path / "out")
+    assert report["images_converted"] == {kind: 1}
+    written = next((tmp_path / "out" / "images").glob("*/odd.png"))
+    converted = np.asarray(Image.open(written))
+    assert converted.shape == (48, 64, 3)
+    if kind in ("alpha", "16bit"):  # exact: opaque alpha, and 16-bit 257*v back to v
+        expected = pixels if kind == "alpha" else np.repeat(pixels[..., :1], 3, axis=2)
+        assert np.array_equal(converted, expected)
+
+
+def test_exif_rotated_image_turns_boxes_annotated_on_stored_pixels(tmp_path: Path) -> None:
+    stored = Image.fromarray(rgb(1, width=64, height=48))
+    exif = stored.getexif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: 48 wide, 64 high
+    path = tmp_path / "rot.png"
+    stored.save(path, exif=exif.tobytes())
+    raw_frame = LabelledImage(path, (Box("Tree", 10, 5, 20, 15),), (64, 48), path)
+    shown_frame = LabelledImage(path, (Box("Tree", 10, 5, 20, 15),), (48, 64), path)
+    others = three_scenes(tmp_path)[:2]
+    for item, expected in ((raw_frame, (33, 10, 43, 20)), (shown_frame, (10, 5, 20, 15))):
+        run_seeds([item, *others], seeds_params(), ["tree"], tmp_path / "out")
+        ((split, boxes),) = [v for k, v in read_tiles(tmp_path / "out").items() if k == "rot"]
+        assert np.allclose([boxes[0].x0, boxes[0].y0, boxes[0].x1, boxes[0].y1], expected, atol=1e-3)
+
+
+# --- errors: each names the file and the problem, and writes nothing ----------------------
+
+
+def test_unknown_class_lists_the_known_ones(tmp_path: Path) -> None:
+    items = three_scenes(tmp_path, [Box("Oak", 1, 1, 9, 9)])
+    with pytest.raises(
+        GenfusionError, match=r"s0\.xml: class 'Oak' is not in seeds\.class_map \(known: Alive, Dead, Tree\)"
+    ):
+        run_seeds(items, seeds_params(), ["tree"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.write_bytes(b"this is not a png"), r"bad\.png: not a readable image"),
+        (
+            lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
+            r"bad\.png: corrupt or truncated image",
+        ),
+    ],
+)
+def test_unreadable_image_is_named_and_previous_output_kept(tmp_path: Path, damage, message) -> None:
+    out = tmp_path / "out"
+    items = three_scenes(tmp_path)
+    run_seeds(items, seeds_params(), ["tree"], out)
+    before = sorted(p.name for p in out.rglob("*"))
+    bad = scene(tmp_path, "bad", rgb(9, 256, 256), [Box("Tree", 5, 5, 20, 20)])
+    damage(bad.image)
+    with pytest.raises(GenfusionError, match=message):
+        run_seeds([*items, bad], seeds_params(), ["tree"], out)
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_declared_size_mismatch_is_an_error(tmp_path: Path) -> None:
+    items = three_scenes(tmp_path)
+    items[1] = LabelledImage(items[1].image, items[1].boxes, (640, 480), items[1].source)
+    with pytest.raises(GenfusionError, match=r"s1\.xml: declares image size 640x480 but .*s1\.png is 64x48"):
+        run_seeds(items, seeds_params(), ["tree"], tmp_path / "out")
+
+
+def test_empty_split_says_why_and_what_to_do(tmp_path: Path) -> None:
+    items = three_scenes(tmp_path)[:2]
+    with pytest.raises(
+        GenfusionError, match=r"split \['test'\] would be empty: 2 scenes cannot fill .*split_by: tile"
+    ):
+        run_seeds(items, seeds_params(), ["tree"], tmp_path / "out")
+
+
+def test_tile_smaller_than_every_box_is_an_error(tmp_path: Path) -> None:
+    items = [scene(tmp_path, f"s{i}", rgb(i, 200, 200), [Box("Tree", 10, 10, 150, 150)]) for i in range(3)]
+    with pytest.raises(
+        GenfusionError, match=r"seeds\.tile_size \(100\) is smaller than every box \(the smallest is 140 px"
+    ):
+        run_seeds(items, seeds_params(tile_size=100, tile_overlap=10), ["tree"], tmp_path / "out")
+
+
+def test_report_is_json_serialisable(tmp_path: Path) -> None:
+    report = run_seeds(three_scenes(tmp_path), seeds_params(), ["tree"], tmp_path / "out")
+    assert json.loads(json.dumps(report)) == report
