@@ -18,6 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from genfusion.params import TrainParams
+from genfusion.train import train_args
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -33,72 +36,23 @@ def median_time(args: list[str], repeats: int, env: dict | None = None) -> float
 
 
 def bench_train(epochs: int, imgsz: int, repeats: int) -> tuple[float, float]:
+    """Median wall time of `genfusion train` and of bare `yolo train` with the same arguments."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(epochs=epochs, imgsz=imgsz)
-    t = params["train"]
+    args = train_args(TrainParams(**params["train"]), seed=0)
     env = os.environ | {"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str((ROOT / ".yolo").resolve())}
     ours, bare = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "params.yaml").write_text(yaml.safe_dump(params))
-        shared = {
-            k: t[k]
-            for k in (
-                "imgsz",
-                "epochs",
-                "batch",
-                "workers",
-                "device",
-                "deterministic",
-                "patience",
-                "lr0",
-                "mosaic",
-                "close_mosaic",
-                "fliplr",
-                "flipud",
-                "degrees",
-                "scale",
-                "hsv_h",
-                "hsv_s",
-                "hsv_v",
-            )
-        }
         for i in range(repeats):
-            ours.append(
-                timed(
-                    [
-                        str(BIN / "genfusion"),
-                        "train",
-                        "--data",
-                        "data/datasets/real",
-                        "--out",
-                        str(tmp / f"ours{i}"),
-                        "--live",
-                        str(tmp / f"live{i}"),
-                        "--params",
-                        str(tmp / "params.yaml"),
-                    ],
-                    env,
-                )
-            )
-            bare.append(
-                timed(
-                    [
-                        str(BIN / "yolo"),
-                        "train",
-                        "model=" + t["model"],
-                        "data=" + str(ROOT / "data/datasets/real/dataset.yaml"),
-                        f"project={tmp}",
-                        f"name=bare{i}",
-                        "exist_ok=True",
-                        "plots=False",
-                        "verbose=False",
-                        "seed=0",
-                        *(f"{k}={v}" for k, v in shared.items()),
-                    ],
-                    env,
-                )
-            )
+            genfusion = [str(BIN / "genfusion"), "train", "--data", "data/datasets/real"]
+            genfusion += ["--out", str(tmp / f"ours{i}"), "--live", str(tmp / f"live{i}")]
+            ours.append(timed([*genfusion, "--params", str(tmp / "params.yaml")], env))
+            yolo = [str(BIN / "yolo"), "train", f"model={params['train']['model']}"]
+            yolo += [f"data={ROOT / 'data/datasets/real/dataset.yaml'}", f"project={tmp}", f"name=bare{i}"]
+            yolo += ["exist_ok=True", "plots=False", "verbose=False", *(f"{k}={v}" for k, v in args.items())]
+            bare.append(timed(yolo, env))
     return statistics.median(ours), statistics.median(bare)
 
 

@@ -17,17 +17,12 @@ from genfusion.annotations import Box, LabelledImage, yolo_line
 from genfusion.errors import GenfusionError
 from genfusion.formats import detect_format, read_annotations
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="session")
-def neon(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def neon(neon_seeds: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the real NEON seeds: 3 PNG scenes with VOC XML (61, 37 and 279 boxes)."""
-    origin = ROOT / "data" / "seeds" / "neon-trees"
-    if not (origin / "OSBS_029.xml").exists():
-        origin = Path("/work/shared/data/neon-trees")  # until data/seeds is in every checkout
     copy = tmp_path_factory.mktemp("neon-trees")
-    for path in [*origin.glob("*.xml"), *origin.glob("*.png")]:
+    for path in [*neon_seeds.glob("*.xml"), *neon_seeds.glob("*.png")]:
         shutil.copyfile(path, copy / path.name)
     return copy
 

@@ -69,7 +69,10 @@ class TrainParams(Section):
     device: str = "cpu"
     deterministic: bool = True
     patience: Annotated[int, Field(ge=0)] = 0
+    optimizer: Literal["SGD", "Adam", "AdamW", "auto"] = "SGD"
     lr0: Annotated[float, Field(gt=0)] = 0.01
+    nbs: PositiveInt = 8
+    warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
     mosaic: Fraction = 1.0
     close_mosaic: Annotated[int, Field(ge=0)] = 10
     fliplr: Fraction = 0.5

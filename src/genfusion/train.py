@@ -21,30 +21,13 @@ from genfusion.yolo import load_yolo
 
 log = logging.getLogger(__name__)
 
-# Ultralytics train() arguments that come straight from params.
-YOLO_ARGS = (
-    "imgsz",
-    "epochs",
-    "batch",
-    "workers",
-    "device",
-    "deterministic",
-    "patience",
-    "lr0",
-    "mosaic",
-    "close_mosaic",
-    "fliplr",
-    "flipud",
-    "degrees",
-    "scale",
-    "hsv_h",
-    "hsv_s",
-    "hsv_v",
-)
+# TrainParams fields that are not Ultralytics train() arguments.
+NOT_YOLO_ARGS = ("variants", "seeds", "model")
 
 
 def train_args(params: TrainParams, seed: int) -> dict:
-    return {k: getattr(params, k) for k in YOLO_ARGS} | {"seed": seed}
+    """Ultralytics train() arguments: every other train.* param, plus the seed."""
+    return {k: v for k, v in params.model_dump().items() if k not in NOT_YOLO_ARGS} | {"seed": seed}
 
 
 def request_fingerprint(data_yaml: Path, model: str, args: dict) -> str:
