@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import os
 import shutil
 from pathlib import Path
@@ -36,18 +37,46 @@ def request_fingerprint(data_yaml: Path, model: str, args: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def dvclive_callback(live_dir: Path, resume: bool):
-    from dvclive import Live
+def checkpoint_is_whole(path: Path) -> bool:
+    """False for a missing checkpoint, or one cut short by a kill while it was written."""
+    import torch
 
-    live = Live(str(live_dir), resume=resume, dvcyaml=None, save_dvc_exp=False, report=None)
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        if path.exists():
+            log.warning("train: cannot resume from %s (%s); starting over", path, exc)
+        return False
+    return True
 
-    def on_fit_epoch_end(trainer) -> None:
+
+class DvcLiveLogger:
+    """Ultralytics callbacks that log each training epoch's losses and val metrics to dvclive."""
+
+    def __init__(self, live_dir: Path, resume: bool) -> None:
+        from dvclive import Live
+
+        self.live = Live(str(live_dir), resume=resume, dvcyaml=None, save_dvc_exp=False, report=None)
+        self.in_training_epoch = False
+
+    def attach(self, model) -> None:
+        model.add_callback("on_train_epoch_end", self.on_train_epoch_end)
+        model.add_callback("on_fit_epoch_end", self.on_fit_epoch_end)
+
+    def on_train_epoch_end(self, trainer) -> None:
+        self.in_training_epoch = True
+
+    def on_fit_epoch_end(self, trainer) -> None:
+        # Ultralytics also calls this after the final validation, which is no epoch.
+        if not self.in_training_epoch:
+            return
+        self.in_training_epoch = False
+        # Step = epoch, so a resumed run continues the curves where the checkpoint was.
+        self.live.step = trainer.epoch
         metrics = trainer.label_loss_items(trainer.tloss, prefix="train") | trainer.metrics | trainer.lr
         for name, value in metrics.items():
-            live.log_metric(name, float(value))
-        live.next_step()
-
-    return live, on_fit_epoch_end
+            self.live.log_metric(name, float(value))
+        self.live.next_step()
 
 
 def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainParams, seed: int) -> Path:
@@ -57,7 +86,9 @@ def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainPara
     fingerprint = request_fingerprint(data_yaml, params.model, args)
     request_file = scratch / "request.sha256"
     last = scratch / "weights" / "last.pt"
-    resume = last.exists() and request_file.exists() and request_file.read_text() == fingerprint
+    resume = (
+        request_file.exists() and request_file.read_text() == fingerprint and checkpoint_is_whole(last)
+    )
     if resume:
         log.info("train: resuming the interrupted run in %s", scratch)
     else:
@@ -65,9 +96,9 @@ def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainPara
         scratch.mkdir(parents=True)
         request_file.write_text(fingerprint)
 
-    live, callback = dvclive_callback(scratch / "live", resume)
+    logger = DvcLiveLogger(scratch / "live", resume)
     model = load_yolo(last if resume else params.model)
-    model.add_callback("on_fit_epoch_end", callback)
+    logger.attach(model)
     data = str(data_yaml.resolve())
     if resume:
         model.train(resume=True, data=data, workers=params.workers, device=params.device)
@@ -81,7 +112,7 @@ def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainPara
             verbose=False,
             **args,
         )
-    live.end()
+    logger.live.end()
 
     for stale in (out, live_out):
         shutil.rmtree(stale, ignore_errors=True)
