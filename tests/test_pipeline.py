@@ -96,7 +96,8 @@ def test_metrics_and_plots_compare_across_branches(repo: Path) -> None:
     commit(repo, "two epochs")
     diff = json.loads(run(repo, "dvc", "metrics", "diff", "main", "--all", "--json"))
     assert {"map", "map50", "map75"} <= set(diff["metrics/eval/real-0.json"])
-    assert diff["metrics/import.json"]["tiles.train"]["new"] == diff["metrics/import.json"]["tiles.train"]["old"]
+    tiles = diff["metrics/import.json"]["tiles.train"]
+    assert tiles["new"] == tiles["old"]
     run(repo, "dvc", "plots", "diff", "main", "-o", "plots-out")
     html = (repo / "plots-out" / "index.html").read_text()
     assert "metrics/pr" in html or "Precision-recall" in html

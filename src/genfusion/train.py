@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import pickle
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -86,9 +86,7 @@ def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainPara
     fingerprint = request_fingerprint(data_yaml, params.model, args)
     request_file = scratch / "request.sha256"
     last = scratch / "weights" / "last.pt"
-    resume = (
-        request_file.exists() and request_file.read_text() == fingerprint and checkpoint_is_whole(last)
-    )
+    resume = request_file.exists() and request_file.read_text() == fingerprint and checkpoint_is_whole(last)
     if resume:
         log.info("train: resuming the interrupted run in %s", scratch)
     else:
