@@ -63,7 +63,7 @@ class TrainParams(Section):
     seeds: list[int] = [0]
     model: str = "yolov8n.yaml"
     imgsz: PositiveInt = 320
-    epochs: PositiveInt = 60
+    epochs: PositiveInt = 150
     batch: PositiveInt = 8
     workers: Annotated[int, Field(ge=0)] = 2
     device: str = "cpu"
