@@ -1,7 +1,7 @@
 """Foundation benchmarks: CLI start-up, a no-op `dvc repro`, and `train` against bare `yolo train`.
 
 Run from the project root after `make repro` (needs data/datasets/real):
-    .venv/bin/python benchmarks/bench_foundation.py [--epochs 3] [--imgsz 320] [--repeats 3]
+    .venv/bin/python benchmarks/bench_foundation.py [--epochs 10] [--imgsz 320] [--repeats 3]
 Prints one line per figure; the train line gives genfusion / bare-Ultralytics wall time.
 """
 
@@ -58,7 +58,7 @@ def bench_train(epochs: int, imgsz: int, repeats: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
