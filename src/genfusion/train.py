@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from genfusion.params import TrainParams
@@ -56,8 +57,15 @@ class DvcLiveLogger:
     def __init__(self, live_dir: Path, resume: bool) -> None:
         from dvclive import Live
 
-        self.live = Live(str(live_dir), resume=resume, dvcyaml=None, save_dvc_exp=False, report=None)
+        # Live() opens the DVC repo (about a second): let it do so while the first epoch trains.
+        self._live = ThreadPoolExecutor(max_workers=1).submit(
+            Live, str(live_dir), resume=resume, dvcyaml=None, save_dvc_exp=False, report=None
+        )
         self.in_training_epoch = False
+
+    @property
+    def live(self):
+        return self._live.result()
 
     def attach(self, model) -> None:
         model.add_callback("on_train_epoch_end", self.on_train_epoch_end)
