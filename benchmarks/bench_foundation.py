@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
+    status = subprocess.run([str(BIN / "dvc"), "status", "--json"], cwd=ROOT, capture_output=True, text=True)
+    if status.returncode or status.stdout.strip() not in ("{}", ""):
+        sys.exit("the pipeline is not up to date: run `dvc repro` first, so the no-op figure is a no-op")
     help_s = median_time([str(BIN / "genfusion"), "--help"], 5)
     print(f"genfusion --help                 {help_s:7.3f} s (median of 5)")
     noop_s = median_time([str(BIN / "dvc"), "repro"], args.repeats)
