@@ -79,3 +79,35 @@ def test_missing_file_and_bad_yaml_name_the_file(tmp_path: Path) -> None:
     broken.write_text("seeds: [unclosed\n")
     with pytest.raises(GenfusionError, match=r"params\.yaml: not valid YAML"):
         load_params(broken)
+
+
+def with_subject(raw: dict, **subject) -> dict:
+    raw["subjects"] = {"canopy": {"instance_prompt": "an aerial photo of sks tree crowns", **subject}}
+    return raw
+
+
+def test_subject_class_prompt_defaults_to_the_base_models(raw: dict) -> None:
+    params = parse_params(with_subject(raw))
+    assert params.subject("canopy").class_prompt == params.diffusion.class_prompt
+    with pytest.raises(GenfusionError, match=r"no subject 'conifers'; params\.yaml defines \['canopy'\]"):
+        params.subject("conifers")
+
+
+def test_subject_finetune_overrides_are_validated_with_close_matches(raw: dict) -> None:
+    params = parse_params(with_subject(raw, finetune={"steps": 7, "method": "full"}))
+    assert (params.finetune_for("canopy").steps, params.finetune_for("canopy").method) == (7, "full")
+    assert params.finetune.steps != 7  # the shared section is untouched
+    with pytest.raises(GenfusionError, match=r"subjects\.canopy\.finetune: stpes: unknown key; did you mean 'steps'"):
+        parse_params(with_subject(raw, finetune={"stpes": 7}))
+
+
+def test_unknown_key_inside_a_subject_suggests_the_close_match(raw: dict) -> None:
+    with pytest.raises(GenfusionError, match=r"subjects\.canopy\.instance_promt: unknown key; did you mean 'instance_prompt'"):
+        parse_params(with_subject(raw, instance_promt="x"))
+    with pytest.raises(GenfusionError, match=r"subjects\.canopy\.select\.classes: \['apple'\] are not in classes"):
+        parse_params(with_subject(raw, select={"classes": ["apple"]}))
+
+
+def test_unquoted_no_from_dvc_exp_run_means_no_mixed_precision(raw: dict) -> None:
+    raw["finetune"] = yaml.safe_load("mixed_precision: no")  # parsed as False
+    assert parse_params(raw).finetune.mixed_precision == "no"

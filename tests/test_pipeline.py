@@ -17,7 +17,13 @@ pytestmark = pytest.mark.integration
 
 # Pipeline outputs a developer's working tree may hold; a clean clone has none of them.
 OUTPUTS = ("data/real/", "data/datasets/", "models/", "metrics/", "reports/")
-TINY = {"epochs": 1, "imgsz": 64, "batch": 4, "workers": 0}
+TINY = {
+    "train": {"epochs": 1, "imgsz": 64, "batch": 4, "workers": 0},
+    "diffusion": {"resolution": 32, "pretrain_steps": 2, "pretrain_vae_steps": 2},
+    "finetune": {"steps": 2, "num_class_images": 2},
+    "generate": {"n": 2, "steps": 2},
+    "variations": {"per_image": 1, "steps": 2, "strength": 0.5},
+}
 
 
 def run(repo: Path, *args: str) -> str:
@@ -41,7 +47,8 @@ def project_copy(dest: Path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["train"].update(TINY)
+    for section, values in TINY.items():
+        params[section].update(values)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
 

@@ -115,6 +115,98 @@ def report(
     main(eval_dir, summary, markdown, params_path)
 
 
+RealOpt = Annotated[Path, typer.Option(help="Real dataset written by `seeds`.")]
+FinetunedOpt = Annotated[
+    Path | None, typer.Option(help="Fine-tuned subject folder (LoRA or full UNet); none = the base model.")
+]
+BaseOpt = Annotated[Path, typer.Option(help="Base model folder from `base-model`.")]
+
+
+@app.command("base-model")
+def base_model(
+    real: RealOpt = Path("data/real"),
+    out: Annotated[Path, typer.Option(help="Output folder for the base model.")] = Path("models/base"),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Pretrain the builtin tiny Stable Diffusion, or check and record an external one (diffusion.*)."""
+    from genfusion.base_model import main
+
+    main(params_path, real, out)
+
+
+@app.command()
+def generate(
+    subject: Annotated[str, typer.Argument(help="Subject name, used in file names and prompt templates.")],
+    out: Annotated[Path, typer.Option(help="Output folder (images/, manifest.csv).")],
+    base: BaseOpt = Path("models/base"),
+    finetuned: FinetunedOpt = None,
+    real: RealOpt = Path("data/real"),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Text-to-image with a subject's generator; keeps images already made (generate.*)."""
+    from genfusion.generate import main
+
+    main(params_path, subject, base, finetuned, real, out)
+
+
+@app.command()
+def variations(
+    out: Annotated[Path, typer.Option(help="Output folder (images/, labels/, manifest.csv).")] = Path(
+        "data/variations"
+    ),
+    base: BaseOpt = Path("models/base"),
+    finetuned: FinetunedOpt = None,
+    real: RealOpt = Path("data/real"),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """img2img variations of every real train tile, boxes carried over (variations.*)."""
+    from genfusion.variations import main
+
+    main(params_path, base, finetuned, real, out)
+
+
+@app.command("class-images")
+def class_images(
+    subject: Annotated[str, typer.Argument(help="Subject name (a key of `subjects` in params).")],
+    out: Annotated[Path, typer.Option(help="Output folder (images/, manifest.csv).")],
+    base: BaseOpt = Path("models/base"),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Prior-preservation images of a subject's class prompt, made by the base model."""
+    from genfusion.finetune import class_images_main
+
+    class_images_main(params_path, subject, base, out)
+
+
+@app.command()
+def finetune(
+    subject: Annotated[str, typer.Argument(help="Subject name (a key of `subjects` in params).")],
+    out: Annotated[Path, typer.Option(help="Output folder for the fine-tuned weights.")],
+    live: Annotated[Path, typer.Option(help="dvclive folder for the loss curve.")],
+    class_images: Annotated[Path, typer.Option(help="Folder from `class-images`.")],
+    base: BaseOpt = Path("models/base"),
+    real: RealOpt = Path("data/real"),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """DreamBooth fine-tuning of one subject, LoRA or full UNet (finetune.*, subjects.*)."""
+    from genfusion.finetune import main
+
+    main(subject, base, real, class_images, out, live, params_path)
+
+
+@app.command()
+def gallery(
+    generated: Annotated[Path, typer.Option(help="Folder of generated subjects.")] = Path("data/generated"),
+    real: RealOpt = Path("data/real"),
+    variations: Annotated[Path, typer.Option(help="Variations folder.")] = Path("data/variations"),
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("reports/gallery.png"),
+) -> None:
+    """A picture of real tiles beside their variations and each subject's generated images."""
+    from genfusion.gallery import main
+
+    main(real, generated, variations, out)
+
+
 def main() -> None:
     try:
         app(standalone_mode=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -105,16 +106,122 @@ class EvaluateParams(Section):
     iou: Fraction = 0.7
 
 
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Prompt = Annotated[str, Field(min_length=1)]
+# Inference schedulers by name (mapped to diffusers classes in genfusion.sd.SCHEDULERS).
+SchedulerName = Literal["ddim", "ddpm", "pndm", "euler", "euler_ancestral", "dpmsolver++", "unipc"]
+
+
+class DiffusionParams(Section):
+    base: Annotated[str, Field(min_length=1)] = "builtin:tiny"
+    revision: str | None = None
+    resolution: PositiveInt = 64
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    attention_slicing: bool = False
+    pretrain_steps: NonNegativeInt = 300
+    pretrain_vae_steps: NonNegativeInt = 120
+    pretrain_batch: PositiveInt = 8
+    pretrain_lr: Annotated[float, Field(gt=0)] = 2e-3
+    seed: int = 0
+    class_prompt: Prompt = "an aerial photo of tree crowns"
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (the autoencoder's stride), got {v}")
+        return v
+
+
+class GenerateParams(Section):
+    n: NonNegativeInt | Literal["match_real"] = "match_real"
+    prompts: Annotated[list[Prompt], Field(min_length=1)] = ["{instance_prompt}"]
+    negative_prompt: str = ""
+    guidance: Annotated[float, Field(ge=0)] = 2.0
+    steps: PositiveInt = 20
+    scheduler: SchedulerName = "ddim"
+    batch: PositiveInt = 4
+    seed: int = 0
+
+
+class VariationsParams(Section):
+    per_image: NonNegativeInt = 2
+    strength: Annotated[float, Field(gt=0, le=1)] = 0.3
+    guidance: Annotated[float, Field(ge=0)] = 2.0
+    steps: PositiveInt = 20
+    prompt: Prompt = "{class_prompt}"
+    scheduler: SchedulerName = "ddim"
+    batch: PositiveInt = 4
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _runs_a_step(self) -> VariationsParams:
+        if int(self.steps * self.strength) < 1:
+            raise ValueError(
+                f"steps x strength must be at least 1 (img2img runs int(steps * strength) steps),"
+                f" got {self.steps} x {self.strength}"
+            )
+        return self
+
+
+class FinetuneParams(Section):
+    method: Literal["lora", "full"] = "lora"
+    steps: PositiveInt = 200
+    lr: Annotated[float, Field(gt=0)] = 1e-4
+    batch: PositiveInt = 4
+    grad_accum: PositiveInt = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    lora_rank: PositiveInt = 8
+    prior_loss_weight: Annotated[float, Field(ge=0)] = 1.0
+    num_class_images: NonNegativeInt = 50
+    seed: int = 0
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        # YAML 1.1 reads an unquoted `no` as false, and `dvc exp run -S` writes it unquoted.
+        return "no" if v is False else v
+
+
+class SelectParams(Section):
+    scenes: list[str] = []
+    classes: list[str] = []
+    pattern: Prompt = "*"
+
+
+class SubjectParams(Section):
+    instance_prompt: Prompt
+    # Defaults to diffusion.class_prompt, the prompt the base model knows the domain by.
+    class_prompt: Prompt | None = None
+    select: SelectParams = SelectParams()
+    # The `finetune` keys that differ for this subject.
+    finetune: dict[str, Any] = {}
+
+
 class Params(Section):
     classes: list[str]
     seeds: SeedsParams
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    diffusion: DiffusionParams = DiffusionParams()
+    generate: GenerateParams = GenerateParams()
+    variations: VariationsParams = VariationsParams()
+    finetune: FinetuneParams = FinetuneParams()
+    subjects: dict[str, SubjectParams] = {}
 
     @model_validator(mode="after")
     def _classes_known(self) -> Params:
         if not self.classes or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes must be a non-empty list without duplicates: {self.classes}")
+        for name, subject in self.subjects.items():
+            unknown = sorted(set(subject.select.classes) - set(self.classes))
+            if unknown:
+                raise ValueError(
+                    f"subjects.{name}.select.classes: {unknown} are not in classes {self.classes}"
+                )
+            self.finetune_for(name)
         for source_name, target in self.seeds.class_map.items():
             if target not in self.classes:
                 raise ValueError(
@@ -123,23 +230,47 @@ class Params(Section):
                 )
         return self
 
+    def subject(self, name: str) -> SubjectParams:
+        """The subject `name`, with its class prompt defaulting to diffusion.class_prompt."""
+        if name not in self.subjects:
+            known = sorted(self.subjects)
+            raise GenfusionError(f"subjects: no subject {name!r}; params.yaml defines {known}")
+        subject = self.subjects[name]
+        if subject.class_prompt is None:
+            subject = subject.model_copy(update={"class_prompt": self.diffusion.class_prompt})
+        return subject
+
+    def finetune_for(self, name: str) -> FinetuneParams:
+        """`finetune` with the subject's own overrides applied, validated like the section."""
+        overrides = self.subjects[name].finetune
+        try:
+            return FinetuneParams.model_validate(self.finetune.model_dump() | overrides)
+        except ValidationError as exc:
+            problems = "; ".join(_describe(e, FinetuneParams) for e in exc.errors())
+            raise ValueError(f"subjects.{name}.finetune: {problems}") from None
+
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The field names of the (nested) model that `loc` points into."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
+    parts = list(loc[:-1])
+    while parts:
+        field = model.model_fields.get(str(parts.pop(0)))
         annotation = field.annotation if field else None
+        if typing.get_origin(annotation) is dict:
+            # dict[str, Model]: the next part of `loc` is a key such as a subject name.
+            annotation = typing.get_args(annotation)[1]
+            parts = parts[1:]
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation
     return list(model.model_fields)
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any], model: type[BaseModel] | None = None) -> str:
     loc = error["loc"]
     key = ".".join(str(p) for p in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _fields_at(Params, loc), n=1)
+        close = difflib.get_close_matches(str(loc[-1]), _fields_at(model or Params, loc), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"{key}: unknown key{hint}"
     if error["type"] == "missing":

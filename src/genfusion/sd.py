@@ -1,0 +1,342 @@
+"""One loader for every Stable Diffusion model the pipeline uses.
+
+A generator is a base model (the builtin tiny one saved by `base_model`, a local
+`save_pretrained` folder or a Hugging Face hub id already in the local cache) plus, optionally,
+a fine-tuned subject folder (LoRA weights or a full UNet). Nothing is ever downloaded.
+torch and diffusers are imported inside the functions so that `genfusion --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from genfusion.errors import GenfusionError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+log = logging.getLogger(__name__)
+
+BUILTIN_TINY = "builtin:tiny"
+SOURCE_FILE = "source.json"
+FINETUNE_FILE = "finetune.json"
+# The text encoder's context; CLIP's own length, so prompts that fit a real SD 1.x fit here too.
+TINY_MAX_LENGTH = 77
+# Inference schedulers by params name (generate.scheduler, variations.scheduler).
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "dpmsolver++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+SUPPORTED_PIPELINE = "StableDiffusionPipeline"
+
+
+def _byte_level_tokenizer(max_length: int):
+    """A CLIP tokenizer over single bytes: any text tokenizes, no vocabulary download needed."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(ByteLevel.alphabet())
+    tokens = symbols + [f"{s}</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+        Path(tmp, "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
+
+
+def _quiet_library_progress_bars() -> None:
+    """The stages draw their own progress bars; the libraries' per-file load/save bars are noise."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def build_tiny_pipeline(seed: int) -> StableDiffusionPipeline:
+    """A tiny SD 1.x-architecture pipeline with random weights (same seed, same weights)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    _quiet_library_progress_bars()
+    tokenizer = _byte_level_tokenizer(TINY_MAX_LENGTH)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=TINY_MAX_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    # SD 1.x's noise schedule; generation swaps in the inference scheduler named in params.
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+    )
+    # Inference mode, as from_pretrained gives: the same seed then gives the same images
+    # before and after a save (some layers differ by an ulp between training and eval mode).
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """torch's dtype for a diffusion.dtype name (float32, float16, bfloat16)."""
+    import torch
+
+    return getattr(torch, name)
+
+
+def resolve_source(source: str, revision: str | None) -> Path:
+    """The local folder holding `source`: the folder itself, or a hub id's snapshot in the HF cache."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise GenfusionError(
+            f"diffusion.base: {source} is a file; give a pipeline folder (with model_index.json)"
+        )
+    try:
+        return Path(snapshot_download(source, revision=revision, local_files_only=True))
+    except HFValidationError:
+        raise GenfusionError(
+            f"diffusion.base: {source!r}: no such folder, and not a Hugging Face hub id (owner/name)"
+        ) from None
+    except OSError:
+        name = source.rsplit("/", 1)[-1]
+        raise GenfusionError(
+            f"diffusion.base: {source!r} (revision {revision or 'main'}) is not a local folder and not in"
+            f" the Hugging Face cache ({constants.HF_HUB_CACHE}); nothing is downloaded at run time."
+            f" On a machine with internet run `hf download {source} --local-dir models/checkpoints/{name}`"
+            f" (`huggingface-cli download` in older huggingface_hub), bring that folder here and set"
+            f" diffusion.base: models/checkpoints/{name}"
+        ) from None
+
+
+def load_pipeline(
+    source: str, revision: str | None = None, dtype: str = "float32", device: str = "cpu"
+) -> StableDiffusionPipeline:
+    """A Stable Diffusion 1.x/2.x pipeline from a `save_pretrained` folder or a cached hub id."""
+    from diffusers import StableDiffusionPipeline
+
+    _quiet_library_progress_bars()
+    folder = resolve_source(source, revision)
+    index = folder / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text())["_class_name"]
+    except FileNotFoundError:
+        raise GenfusionError(
+            f"diffusion.base: {folder} is not a diffusers pipeline folder (no model_index.json);"
+            " save one with `pipeline.save_pretrained(folder)` or download a checkpoint in diffusers format"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise GenfusionError(f"{index}: not a diffusers model index ({exc!r})") from None
+    if class_name != SUPPORTED_PIPELINE:
+        raise GenfusionError(
+            f"diffusion.base: {folder} holds a {class_name}; only {SUPPORTED_PIPELINE} checkpoints"
+            " (Stable Diffusion 1.x / 2.x) are supported"
+        )
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, dtype=torch_dtype(dtype), local_files_only=True
+        )
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise GenfusionError(f"diffusion.base: cannot load the pipeline in {folder}: {exc}") from None
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        return pipe.to(device)
+    except RuntimeError as exc:
+        raise GenfusionError(f"diffusion.device: cannot use device {device!r}: {exc}") from None
+
+
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """sha256 over every weight and config file of a model folder: relative name, size, content hash.
+
+    Hidden files (e.g. `hf download`'s `.cache/`) and our own `source.json` are left out.
+    """
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if not path.is_file() or rel.as_posix() == SOURCE_FILE or any(p.startswith(".") for p in rel.parts):
+            continue
+        digest.update(f"{rel.as_posix()}\0{path.stat().st_size}\0{_file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def read_source(base_dir: Path) -> dict:
+    """The `source.json` that the base_model stage wrote: which base model, and its fingerprint."""
+    path = Path(base_dir) / SOURCE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GenfusionError(
+            f"{path}: missing; run the base_model stage first (`dvc repro base_model`)"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise GenfusionError(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_finetune(finetuned_dir: Path) -> dict:
+    path = Path(finetuned_dir) / FINETUNE_FILE
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GenfusionError(f"{path}: missing; not a fine-tuned subject folder") from None
+    except json.JSONDecodeError as exc:
+        raise GenfusionError(f"{path}: not valid JSON ({exc})") from None
+    if info.get("method") not in ("lora", "full"):
+        raise GenfusionError(f"{path}: method must be 'lora' or 'full', got {info.get('method')!r}")
+    return info
+
+
+def apply_finetune(pipe: StableDiffusionPipeline, finetuned_dir: Path) -> None:
+    """Put a fine-tuned subject into the pipeline: LoRA weights fused into it, or a whole new UNet."""
+    from diffusers import UNet2DConditionModel
+
+    finetuned_dir = Path(finetuned_dir)
+    method = read_finetune(finetuned_dir)["method"]
+    try:
+        if method == "lora":
+            pipe.load_lora_weights(finetuned_dir)
+            # Fused weights run as fast as the base model; the adapter layers are then dropped.
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+        else:
+            unet = UNet2DConditionModel.from_pretrained(
+                finetuned_dir / "unet", dtype=pipe.unet.dtype, local_files_only=True
+            )
+            pipe.unet = unet.to(pipe.device)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise GenfusionError(f"{finetuned_dir}: cannot load the {method} fine-tune: {exc}") from None
+
+
+def load_generator(
+    base_dir: Path,
+    finetuned_dir: Path | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    attention_slicing: bool = False,
+) -> StableDiffusionPipeline:
+    """The base model that `base_model` recorded in `base_dir`, plus an optional fine-tuned subject."""
+    source = read_source(base_dir)
+    if source["base"] == BUILTIN_TINY:
+        pipe = load_pipeline(str(base_dir), None, dtype, device)
+    else:
+        pipe = load_pipeline(source["base"], source.get("revision"), dtype, device)
+    if finetuned_dir is not None:
+        apply_finetune(pipe, finetuned_dir)
+    if attention_slicing:
+        pipe.enable_attention_slicing()
+    return pipe
+
+
+def model_fingerprint(base_dir: Path, finetuned_dir: Path | None = None) -> str:
+    """A short hash naming the generator (base weights plus fine-tune), for manifests."""
+    parts = [read_source(base_dir)["fingerprint"]]
+    if finetuned_dir is not None:
+        parts.append(weights_fingerprint(finetuned_dir))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def use_scheduler(pipe, name: str) -> None:
+    """Swap in the named inference scheduler, keeping the model's noise schedule."""
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def check_prompt(tokenizer, prompt: str, key: str) -> None:
+    """Refuse an empty prompt; warn, naming the param and the lost words, when one is too long."""
+    if not prompt.strip():
+        raise GenfusionError(f"{key}: the prompt is empty; describe the images to generate")
+    ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
+    limit = tokenizer.model_max_length
+    if len(ids) > limit:
+        cut = tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True)
+        log.warning(
+            "%s: the prompt is %d tokens but the text encoder reads %d; this part is cut: %r",
+            key,
+            len(ids),
+            limit,
+            cut,
+        )
+
+
+def render_prompt(template: str, key: str, **values: str) -> str:
+    """Fill a prompt template's placeholders (e.g. {class_prompt}), naming the param on error."""
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError) as exc:
+        known = ", ".join(f"{{{k}}}" for k in values)
+        raise GenfusionError(f"{key}: cannot fill {template!r} ({exc!r}); placeholders: {known}") from None
+
+
+@contextmanager
+def memory_guard(stage: str, batch_key: str) -> Iterator[None]:
+    """Turn an out-of-memory error into a message that names the knobs that fix it."""
+    import torch
+
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        raise GenfusionError(
+            f"{stage}: out of memory ({str(exc).splitlines()[0]}); lower {batch_key}, set"
+            " diffusion.attention_slicing: true, or lower diffusion.resolution"
+        ) from None
