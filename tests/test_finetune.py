@@ -12,7 +12,7 @@ from genfusion import fsio
 from genfusion.errors import GenfusionError
 from genfusion.finetune import encode, finetune_unet, load_pixels, save_finetuned, select_instance_images
 from genfusion.formats import read_annotations
-from genfusion.params import FinetuneParams, SelectParams, SeedsParams, SubjectParams
+from genfusion.params import FinetuneParams, SeedsParams, SelectParams, SubjectParams
 from genfusion.sd import BUILTIN_TINY, SOURCE_FILE, build_tiny_pipeline, load_generator, weights_fingerprint
 from genfusion.seeds import run_seeds
 

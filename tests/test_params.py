@@ -97,14 +97,20 @@ def test_subject_finetune_overrides_are_validated_with_close_matches(raw: dict) 
     params = parse_params(with_subject(raw, finetune={"steps": 7, "method": "full"}))
     assert (params.finetune_for("canopy").steps, params.finetune_for("canopy").method) == (7, "full")
     assert params.finetune.steps != 7  # the shared section is untouched
-    with pytest.raises(GenfusionError, match=r"subjects\.canopy\.finetune: stpes: unknown key; did you mean 'steps'"):
+    with pytest.raises(
+        GenfusionError, match=r"subjects\.canopy\.finetune: stpes: unknown key; did you mean 'steps'"
+    ):
         parse_params(with_subject(raw, finetune={"stpes": 7}))
 
 
 def test_unknown_key_inside_a_subject_suggests_the_close_match(raw: dict) -> None:
-    with pytest.raises(GenfusionError, match=r"subjects\.canopy\.instance_promt: unknown key; did you mean 'instance_prompt'"):
+    with pytest.raises(
+        GenfusionError, match=r"subjects\.canopy\.instance_promt: unknown key; did you mean 'instance_prompt'"
+    ):
         parse_params(with_subject(raw, instance_promt="x"))
-    with pytest.raises(GenfusionError, match=r"subjects\.canopy\.select\.classes: \['apple'\] are not in classes"):
+    with pytest.raises(
+        GenfusionError, match=r"subjects\.canopy\.select\.classes: \['apple'\] are not in classes"
+    ):
         parse_params(with_subject(raw, select={"classes": ["apple"]}))
 
 
