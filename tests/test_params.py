@@ -114,6 +114,9 @@ def test_unknown_key_inside_a_subject_suggests_the_close_match(raw: dict) -> Non
         parse_params(with_subject(raw, select={"classes": ["apple"]}))
 
 
-def test_unquoted_no_from_dvc_exp_run_means_no_mixed_precision(raw: dict) -> None:
-    raw["finetune"] = yaml.safe_load("mixed_precision: no")  # parsed as False
-    assert parse_params(raw).finetune.mixed_precision == "no"
+def test_mixed_precision_has_no_yaml_boolean_value(raw: dict) -> None:
+    raw["finetune"] = yaml.safe_load("mixed_precision: no")  # YAML reads this as false
+    with pytest.raises(
+        GenfusionError, match=r"finetune\.mixed_precision: Input should be 'fp32', 'fp16' or 'bf16'"
+    ):
+        parse_params(raw)

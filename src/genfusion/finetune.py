@@ -116,7 +116,7 @@ def finetune_unet(pipe, instance: Encoded, prior: Encoded | None, params: Finetu
 
     accelerator = Accelerator(
         gradient_accumulation_steps=params.grad_accum,
-        mixed_precision=params.mixed_precision,
+        mixed_precision="no" if params.mixed_precision == "fp32" else params.mixed_precision,
     )
     unet = pipe.unet
     pipe.vae.requires_grad_(False)

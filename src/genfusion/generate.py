@@ -218,14 +218,21 @@ def generate(
     for k, prompt in enumerate(prompts):
         check_prompt(pipe.tokenizer, prompt, f"generate.prompts[{k}]")
     use_scheduler(pipe, scheduler)
-    settings = {"scheduler": scheduler, "steps": steps, "guidance": guidance, "resolution": resolution}
     jobs = []
     for i in indices:
-        file = f"images/{subject}_{i:05d}.png"
-        prompt = prompts[i % len(prompts)]
-        row = {"file": file, "subject": subject, "prompt": prompt, "negative_prompt": negative_prompt}
-        row |= {"seed": seed_base + i, "model": fingerprint} | settings
-        jobs.append(ImageJob(file, {k: str(v) for k, v in row.items()}, seed_base + i, prompt))
+        row = {
+            "file": f"images/{subject}_{i:05d}.png",
+            "subject": subject,
+            "prompt": prompts[i % len(prompts)],
+            "negative_prompt": negative_prompt,
+            "seed": seed_base + i,
+            "model": fingerprint,
+            "scheduler": scheduler,
+            "steps": steps,
+            "guidance": guidance,
+            "resolution": resolution,
+        }
+        jobs.append(ImageJob(row["file"], {k: str(v) for k, v in row.items()}, row["seed"], row["prompt"]))
 
     def render(chunk: list[ImageJob]) -> list[Image.Image]:
         with memory_guard(f"generate@{subject}", "generate.batch"):

@@ -171,18 +171,13 @@ class FinetuneParams(Section):
     lr: Annotated[float, Field(gt=0)] = 1e-4
     batch: PositiveInt = 4
     grad_accum: PositiveInt = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # fp32, not accelerate's "no": `dvc exp run -S` writes YAML unquoted, and `no` reads as false.
+    mixed_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
     lora_rank: PositiveInt = 8
     prior_loss_weight: Annotated[float, Field(ge=0)] = 1.0
     num_class_images: NonNegativeInt = 50
     seed: int = 0
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_no(cls, v: Any) -> Any:
-        # YAML 1.1 reads an unquoted `no` as false, and `dvc exp run -S` writes it unquoted.
-        return "no" if v is False else v
 
 
 class SelectParams(Section):

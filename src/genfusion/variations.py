@@ -94,27 +94,31 @@ def make_variations(
     )
     img2img.set_progress_bar_config(disable=True)
     use_scheduler(img2img, scheduler)
-    settings = {"model": fingerprint, "scheduler": scheduler, "steps": steps, "guidance": guidance}
     sizes: dict[Path, tuple[int, int]] = {}
     jobs = []
     for s, (image, label) in enumerate(sorted(sources, key=lambda pair: pair[0].name)):
         sizes[image] = read_header(image).size
-        content = {"source_sha256": hashlib.sha256(image.read_bytes()).hexdigest()}
+        digest, boxes = hashlib.sha256(image.read_bytes()).hexdigest(), label.read_bytes()
         for j in range(per_image):
             name = f"{image.stem}_v{j}"
-            row = {"file": f"images/{name}.png", "label": f"labels/{name}.txt", "source_image": image}
-            row |= {"source_label": label, "variation": j, "seed": seed + s * per_image + j}
-            row |= content | {"strength": strength, "prompt": prompt} | settings | {"resolution": resolution}
-            jobs.append(
-                ImageJob(
-                    row["file"],
-                    {k: str(v) for k, v in row.items()},
-                    row["seed"],
-                    prompt,
-                    source=image,
-                    companions={row["label"]: label.read_bytes()},
-                )
-            )
+            row = {
+                "file": f"images/{name}.png",
+                "label": f"labels/{name}.txt",
+                "source_image": image,
+                "source_label": label,
+                "source_sha256": digest,
+                "variation": j,
+                "seed": seed + s * per_image + j,
+                "strength": strength,
+                "prompt": prompt,
+                "model": fingerprint,
+                "scheduler": scheduler,
+                "steps": steps,
+                "guidance": guidance,
+                "resolution": resolution,
+            }
+            text_row = {k: str(v) for k, v in row.items()}
+            jobs.append(ImageJob(row["file"], text_row, row["seed"], prompt, image, {row["label"]: boxes}))
 
     def render(chunk: list[ImageJob]) -> list[Image.Image]:
         size = sizes[chunk[0].source]
