@@ -213,3 +213,7 @@ def main() -> None:
     except GenfusionError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":  # `accelerate launch -m genfusion.cli ...` runs the module
+    main()

@@ -16,8 +16,6 @@ import csv
 import io
 import itertools
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,18 +80,6 @@ def write_manifest(path: Path, columns: Sequence[str], rows: Sequence[dict[str, 
     writer.writeheader()
     writer.writerows(rows)
     fsio.write_text(path, text.getvalue())
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write under a temporary name in the same folder, then rename: never a truncated file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -173,8 +159,8 @@ def run_jobs(
     for chunk in progress_bar(mine, f"{description} ({count} images)", total=len(mine)):
         for job, image in zip(chunk, render(chunk), strict=True):
             for name, data in job.companions.items():
-                write_bytes(out_dir / name, data)
-            write_bytes(out_dir / job.file, png_bytes(image))
+                fsio.write_bytes(out_dir / name, data)
+            fsio.write_bytes(out_dir / job.file, png_bytes(image))
             done.add(job.file)
         if state.is_main_process:
             write_manifest(out_dir / MANIFEST, columns, [job.row for job in jobs if job.file in done])
