@@ -8,6 +8,7 @@ Prints one line per figure; the train line gives genfusion / bare-Ultralytics wa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -39,7 +40,8 @@ def bench_train(epochs: int, imgsz: int, repeats: int) -> tuple[float, float]:
     """Median wall time of `genfusion train` and of bare `yolo train` with the same arguments."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(epochs=epochs, imgsz=imgsz)
-    args = train_args(TrainParams(**params["train"]), seed=0)
+    counts = json.loads((ROOT / "data/datasets/real/counts.json").read_text())
+    args = train_args(TrainParams(**params["train"]), seed=0, counts=counts)
     env = os.environ | {"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str((ROOT / ".yolo").resolve())}
     ours, bare = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from genfusion.errors import GenfusionError
-from genfusion.params import load_params, parse_params
+from genfusion.params import load_params, parse_params, profile_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,3 +120,43 @@ def test_mixed_precision_has_no_yaml_boolean_value(raw: dict) -> None:
         GenfusionError, match=r"finetune\.mixed_precision: Input should be 'fp32', 'fp16' or 'bf16'"
     ):
         parse_params(raw)
+
+
+def test_every_shipped_profile_is_valid_and_becomes_overrides() -> None:
+    for profile in sorted((ROOT / "profiles").glob("*.yaml")):
+        overrides = profile_overrides(profile, ROOT / "params.yaml")
+        assert overrides and all("=" in o for o in overrides), profile
+
+
+def test_profile_overrides_flatten_quote_and_sweep(tmp_path: Path) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        yaml.safe_dump(
+            {
+                "train": {"seeds": [0, 1], "device": "0", "same_steps": False},
+                "diffusion": {"class_prompt": "trees, seen from above"},
+                "sweep": {"variations.per_image": [0, 2, 10]},
+            },
+            sort_keys=False,
+        )
+    )
+    assert profile_overrides(profile, ROOT / "params.yaml") == [
+        "train.seeds=[0,1]",
+        "train.device='0'",
+        "train.same_steps=false",
+        "diffusion.class_prompt='trees, seen from above'",
+        "variations.per_image=0,2,10",
+    ]
+
+
+def test_profile_is_validated_for_every_sweep_value_before_anything_runs(tmp_path: Path) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"sweep": {"variations.strength": [0.3, 1.5]}}))
+    with pytest.raises(GenfusionError, match=r"p.yaml: invalid params:\n  variations.strength"):
+        profile_overrides(profile, ROOT / "params.yaml")
+    profile.write_text(yaml.safe_dump({"trian": {"epochs": 3}}))
+    with pytest.raises(GenfusionError, match="trian: unknown key; did you mean 'train'"):
+        profile_overrides(profile, ROOT / "params.yaml")
+    profile.write_text(yaml.safe_dump({"sweep": {"train.epochs": 3}}))
+    with pytest.raises(GenfusionError, match="sweep: maps dotted keys to non-empty lists"):
+        profile_overrides(profile, ROOT / "params.yaml")

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 # Pipeline outputs a developer's working tree may hold; a clean clone has none of them.
 OUTPUTS = ("data/real/", "data/datasets/", "models/", "metrics/", "reports/")
 TINY = {
-    "train": {"epochs": 1, "imgsz": 64, "batch": 4, "workers": 0},
+    "train": {"epochs": 1, "imgsz": 64, "batch": 4, "workers": 0, "seeds": [0, 1]},
     "diffusion": {"resolution": 32, "pretrain_steps": 2, "pretrain_vae_steps": 2},
     "finetune": {"steps": 2, "num_class_images": 2},
     "generate": {"n": 2, "steps": 2},
@@ -68,17 +68,44 @@ def commit(repo: Path, message: str) -> None:
     run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
 
 
-def test_repro_writes_metrics_and_a_second_repro_is_a_no_op(repo: Path) -> None:
+def train_matrix(repo: Path) -> list[tuple[str, int]]:
+    train = yaml.safe_load((repo / "params.yaml").read_text())["train"]
+    return [(variant, seed) for variant in train["variants"] for seed in train["seeds"]]
+
+
+def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(repo: Path) -> None:
     run(repo, "dvc", "repro")
-    evaluation = json.loads((repo / "metrics/eval/real-0.json").read_text())
-    assert {"map", "map50", "map75", "precision", "recall", "train_images"} <= set(evaluation)
-    assert (
-        evaluation["train_images"] == json.loads((repo / "metrics/import.json").read_text())["tiles"]["train"]
-    )
+    matrix = train_matrix(repo)
+    assert {v for v, _ in matrix} >= {"real", "variations"}
     summary = json.loads((repo / "metrics/summary.json").read_text())
-    assert summary["real"]["yolov8n"]["map50_mean"] == evaluation["map50"]
-    assert "| real | yolov8n | 1 |" in (repo / "reports/summary.md").read_text()
-    assert (repo / "metrics/pr/real-0.csv").read_text().startswith("recall,precision\n")
+    table = (repo / "reports/summary.md").read_text()
+    for variant in {v for v, _ in matrix}:
+        runs = [
+            json.loads((repo / f"metrics/eval/{variant}-{seed}.json").read_text())
+            for v, seed in matrix
+            if v == variant
+        ]
+        assert all({"map", "map50", "map75", "precision", "recall", "train_images"} <= set(r) for r in runs)
+        counts = json.loads((repo / f"data/datasets/{variant}/counts.json").read_text())
+        assert (
+            runs[0]["train_images"]
+            == counts["train_images"]
+            == len(list((repo / f"data/datasets/{variant}/images/train").iterdir()))
+        )
+        row = summary[variant]["yolov8n"]
+        # The report's mean and sample std, computed by hand from the per-seed metrics files.
+        values = [r["map50"] for r in runs]
+        assert row["map50_mean"] == pytest.approx(sum(values) / len(values))
+        mean = sum(values) / len(values)
+        assert row["map50_std"] == pytest.approx(
+            (sum((x - mean) ** 2 for x in values) / (len(values) - 1)) ** 0.5
+        )
+        assert f"| {variant} | yolov8n | {len(runs)} | {counts['train_images']} |" in table
+        assert (repo / f"metrics/pr/{variant}-0.csv").read_text().startswith("recall,precision\n")
+    real_tiles = json.loads((repo / "metrics/import.json").read_text())["tiles"]["train"]
+    assert json.loads((repo / "data/datasets/real/counts.json").read_text())["train_images"] == real_tiles
+    for figure in ("pr_curves", "ap_vs_synthetic", "detections", "gallery"):
+        assert (repo / f"reports/{figure}.png").read_bytes().startswith(b"\x89PNG"), figure
     assert list((repo / "metrics/train/real-0/plots/metrics").rglob("*.tsv"))
 
     again = run(repo, "dvc", "repro")
@@ -87,15 +114,57 @@ def test_repro_writes_metrics_and_a_second_repro_is_a_no_op(repo: Path) -> None:
     commit(repo, "baseline")
 
 
-def test_exp_run_reruns_only_what_depends_on_the_changed_param(repo: Path) -> None:
+def test_a_changed_param_touches_only_the_stages_that_read_it(repo: Path) -> None:
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("  epochs: 1\n", "  epochs: 2\n"))
+    changed = set(json.loads(run(repo, "dvc", "status", "--json")))
+    assert changed == {f"train@{v}-{s}" for v, s in train_matrix(repo)}
+    (repo / "params.yaml").write_text(params)
+    assert "up to date" in run(repo, "dvc", "status")
+
     out = run(repo, "dvc", "exp", "run", "-S", "train.epochs=2", "-n", "two-epochs")
-    assert "Running stage 'train@real-0'" in out
-    assert "Running stage 'evaluate@real-0'" in out
-    for untouched in ("seeds", "base_model", "finetune@canopy", "generate@canopy", "variations"):
+    for variant, seed in train_matrix(repo):
+        assert f"Running stage 'train@{variant}-{seed}'" in out
+        assert f"Running stage 'evaluate@{variant}-{seed}'" in out
+    assert "Running stage 'report'" in out
+    for untouched in (
+        "seeds",
+        "base_model",
+        "finetune@canopy",
+        "generate@canopy",
+        "variations",
+        "datasets@real",
+    ):
         assert f"Running stage '{untouched}'" not in out
+    assert "up to date" in run(repo, "dvc", "status")
     table = json.loads(run(repo, "dvc", "exp", "show", "--json"))
     text = json.dumps(table)
     assert "two-epochs" in text and "map50" in text
+
+
+def queued_params(shown: object) -> list[dict]:
+    """The params.yaml values of every queued experiment in `dvc exp show --json` output."""
+    found = []
+    if isinstance(shown, dict):
+        if shown.get("status") == "Queued":
+            found.append(shown["data"]["params"]["params.yaml"]["data"])
+        for value in shown.values():
+            found += queued_params(value)
+    elif isinstance(shown, list):
+        for value in shown:
+            found += queued_params(value)
+    return found
+
+
+def test_a_profile_sweep_queues_one_experiment_per_value(repo: Path) -> None:
+    run(repo, "genfusion", "exp", "profiles/variations-80-20-100.yaml", "--queue")
+    try:
+        queued = queued_params(json.loads(run(repo, "dvc", "exp", "show", "--json")))
+        assert sorted(p["variations"]["per_image"] for p in queued) == [0, 2, 10]
+        assert all(p["seeds"]["split"] == {"train": 0.4, "val": 0.1, "test": 0.5} for p in queued)
+        assert all(p["seeds"]["split_by"] == "tile" for p in queued)
+    finally:
+        run(repo, "dvc", "queue", "remove", "--all")
 
 
 def test_metrics_and_plots_compare_across_branches(repo: Path) -> None:

@@ -58,3 +58,42 @@ def test_missing_evaluation_names_the_file_and_the_stage(tmp_path: Path) -> None
     assert len(load_evaluations(tmp_path, ["real"], [0])) == 1
     with pytest.raises(GenfusionError, match=r"real-1\.json: missing; run `dvc repro evaluate@real-1`"):
         load_evaluations(tmp_path, ["real"], [0, 1])
+
+
+def test_pr_figure_draws_the_seed_mean_of_each_variant() -> None:
+    from genfusion.report import pr_figure
+
+    recall = [0.0, 0.5, 1.0]
+    figure = pr_figure(
+        {"real": [(recall, [1.0, 0.5, 0.0]), (recall, [0.8, 0.3, 0.0])], "mixed": [(recall, [1, 1, 0])]}
+    )
+    lines = figure.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["real (2 seeds)", "mixed (1 seed)"]
+    assert list(lines[0].get_ydata()) == pytest.approx([0.9, 0.4, 0.0])
+
+
+def test_sweep_points_come_from_every_experiments_summary() -> None:
+    from genfusion.report import experiment_summaries, synthetic_figure, synthetic_points
+
+    def summary(n: int, ap: float) -> dict:
+        return summarise(
+            [record("real", 0, 0.1, 0.2, 0.1), record("mixed", 0, 0.1, ap, 0.1) | {"synthetic_images": n}]
+        )
+
+    def metrics(n: int, ap: float) -> dict:
+        return {"metrics": {"metrics/summary.json": {"data": summary(n, ap)}}}
+
+    experiment = {"rev": "e1", "name": "ratio-2", "data": metrics(40, 0.35)}
+    shown = [
+        {"rev": "workspace", "data": metrics(20, 0.3)},
+        {"rev": "abc", "data": {"metrics": {}}, "experiments": [{"revs": [experiment]}]},
+    ]
+    points = sorted({p for s in experiment_summaries(shown) for p in synthetic_points(s)})
+    assert points == [
+        ("mixed (yolov8n)", 20, 0.3, 0.0),
+        ("mixed (yolov8n)", 40, 0.35, 0.0),
+        ("real (yolov8n)", 0, 0.2, 0.0),
+    ]
+    bars = synthetic_figure(points).axes[0].containers
+    assert [bar.get_label() for bar in bars] == ["mixed (yolov8n)", "real (yolov8n)"]
+    assert [list(bar.lines[0].get_xdata()) for bar in bars] == [[20, 40], [0]]

@@ -61,15 +61,28 @@ def seeds(
 
 @app.command()
 def datasets(
-    variant: Annotated[str, typer.Argument(help="Dataset variant, e.g. real.")],
+    variant: Annotated[str, typer.Argument(help="Dataset variant: real, synthetic, mixed or variations.")],
+    out: Annotated[Path, typer.Option(help="Output folder for this variant.")],
     real: Annotated[Path, typer.Option(help="Real dataset written by `seeds`.")] = Path("data/real"),
-    out: Annotated[Path, typer.Option(help="Output folder for this variant.")] = Path("data/datasets/real"),
+    generated: Annotated[Path, typer.Option(help="Generated images, a folder per subject.")] = Path(
+        "data/generated"
+    ),
+    prelabels: Annotated[Path, typer.Option(help="Automatic labels, a folder per subject.")] = Path(
+        "data/prelabels"
+    ),
+    annotations: Annotated[Path, typer.Option(help="People's labels, a folder per subject.")] = Path(
+        "data/annotations"
+    ),
+    variations: Annotated[Path, typer.Option(help="Variations written by `variations`.")] = Path(
+        "data/variations"
+    ),
+    params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Write the YOLO dataset definition a detector variant trains on."""
-    from genfusion.datasets import build_dataset
+    """Write the YOLO dataset a detector variant trains on (params: labels, datasets)."""
+    from genfusion.datasets import Sources, main
 
-    counts = build_dataset(variant, real, out)
-    logging.getLogger("genfusion").info("datasets: %s", counts)
+    counts = main(params_path, variant, Sources(real, generated, prelabels, annotations, variations), out)
+    logging.getLogger("genfusion").info("datasets@%s: %s", variant, counts)
 
 
 @app.command()
@@ -107,12 +120,50 @@ def report(
     eval_dir: Annotated[Path, typer.Option(help="Folder of evaluate's metrics.")] = Path("metrics/eval"),
     summary: Annotated[Path, typer.Option(help="Summary JSON to write.")] = Path("metrics/summary.json"),
     markdown: Annotated[Path, typer.Option(help="Markdown table to write.")] = Path("reports/summary.md"),
+    pr_dir: Annotated[Path, typer.Option(help="Folder of evaluate's PR curves.")] = Path("metrics/pr"),
+    detectors: Annotated[Path, typer.Option(help="Folder of trained detectors.")] = Path("models/detectors"),
+    real: Annotated[Path, typer.Option(help="Real dataset written by `seeds`.")] = Path("data/real"),
+    figures: Annotated[Path, typer.Option(help="Folder for the figures (PNG).")] = Path("reports"),
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Table-1 style summary: mean +- std over seeds per variant and model."""
+    """Table-1 style summary (mean +- std over seeds per variant and model) and figures."""
     from genfusion.report import main
 
-    main(eval_dir, summary, markdown, params_path)
+    main(eval_dir, pr_dir, detectors, real, summary, markdown, figures, params_path)
+
+
+@app.command()
+def sweep(
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("reports/sweep.png"),
+) -> None:
+    """Plot AP50 against synthetic images over every experiment (`dvc exp show`), e.g. after a
+    sweep of datasets.mixed_ratio or variations.per_image."""
+    from genfusion.report import sweep_main
+
+    sweep_main(out)
+
+
+@app.command()
+def exp(
+    profile: Annotated[Path, typer.Argument(help="A params file of what differs (profiles/*.yaml).")],
+    name: Annotated[str | None, typer.Option(help="Experiment name (without a sweep).")] = None,
+    queue: Annotated[bool, typer.Option(help="Queue them; run them with `dvc queue start`.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the dvc command instead of running it.")] = False,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Run (or queue) `dvc exp run` with a profile's params, e.g. the published protocols."""
+    import shlex
+    import subprocess
+
+    from genfusion.params import profile_overrides
+
+    command = ["dvc", "exp", "run", *(["--queue"] if queue else []), *(["-n", name] if name else [])]
+    for override in profile_overrides(profile, params_path):
+        command += ["-S", override]
+    if dry_run:
+        typer.echo(shlex.join(command))
+        return
+    sys.exit(subprocess.run(command).returncode)
 
 
 RealOpt = Annotated[Path, typer.Option(help="Real dataset written by `seeds`.")]

@@ -1,12 +1,24 @@
 """`datasets@variant` stage: the YOLO dataset each detector variant trains on.
 
-Datasets reference images where they already are (relative paths), never copies, so
-DVC stores each image once. Validation and test are always the real val and test splits.
+Variants (the rows of the report):
+- `real`: the real train split.
+- `synthetic`: every subject's generated images, labelled as `labels.source` says.
+- `mixed`: the real train split plus `datasets.mixed_ratio` synthetic images per real image.
+- `variations`: the real train split plus the img2img variations of its tiles.
+
+Training images are relative symbolic links, never copies, so DVC stores each image once.
+Label files (a few bytes each) are copied beside the links: YOLO finds an image's labels by
+its path (`.../images/train/x.png` -> `.../labels/train/x.txt`), and synthetic labels live
+apart from their images. Validation and test are always the real val and test splits.
 """
 
 from __future__ import annotations
 
+import csv
 import os
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -14,35 +26,173 @@ import yaml
 from genfusion import fsio
 from genfusion.errors import GenfusionError
 
+VARIANTS = ("real", "synthetic", "mixed", "variations")
 
-def count_split(real: Path, split: str) -> tuple[int, int]:
-    """(images, boxes) of one split of a dataset written by `seeds`."""
-    images = sorted((real / "images" / split).glob("*.png"))
-    boxes = sum(
-        len((real / "labels" / split / f"{image.stem}.txt").read_text().splitlines()) for image in images
+
+@dataclass(frozen=True)
+class TrainImage:
+    image: Path
+    label: Path
+    synthetic: bool
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where the stage finds each kind of image and label (paths from dvc.yaml)."""
+
+    real: Path
+    generated: Path
+    prelabels: Path
+    annotations: Path
+    variations: Path
+
+
+def real_train(real: Path) -> list[TrainImage]:
+    return [
+        TrainImage(image, real / "labels" / "train" / f"{image.stem}.txt", synthetic=False)
+        for image in sorted((real / "images" / "train").glob("*.png"))
+    ]
+
+
+def synthetic_train(
+    sources: Sources, subjects: Sequence[str], label_source: str
+) -> tuple[list[TrainImage], list[Path]]:
+    """(labelled generated images, generated images without a label of the chosen source).
+
+    Images are interleaved across subjects by index (`a_00000, b_00000, a_00001, ...`), so any
+    prefix of the list, as `mixed` takes, draws evenly on every subject.
+    """
+    per_subject = []
+    for subject in subjects:
+        folder = sources.generated / subject / "images"
+        if not folder.is_dir():
+            raise GenfusionError(f"{folder}: no generated images; run `dvc repro generate@{subject}`")
+        per_subject.append(sorted(folder.glob("*.png")))
+    labelled, unlabelled = [], []
+    for image in interleave(per_subject):
+        subject = image.parent.parent.name
+        auto = sources.prelabels / subject / "labels" / f"{image.stem}.txt"
+        manual = sources.annotations / subject / "labels" / f"{image.stem}.txt"
+        candidates = {"auto": [auto], "manual": [manual], "manual_else_auto": [manual, auto]}[label_source]
+        label = next((path for path in candidates if path.is_file()), None)
+        if label is None:
+            unlabelled.append(image)
+        else:
+            labelled.append(TrainImage(image, label, synthetic=True))
+    return labelled, unlabelled
+
+
+def interleave(lists: Sequence[Sequence[Path]]) -> list[Path]:
+    longest = max((len(items) for items in lists), default=0)
+    return [items[i] for i in range(longest) for items in lists if i < len(items)]
+
+
+def variation_train(variations: Path) -> list[TrainImage]:
+    """The variations listed in the stage's manifest (the current request, in file order)."""
+    manifest = variations / "manifest.csv"
+    if not manifest.is_file():
+        raise GenfusionError(f"{manifest}: missing; run `dvc repro variations`")
+    with manifest.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [
+        TrainImage(variations / row["file"], variations / row["label"], synthetic=True)
+        for row in sorted(rows, key=lambda row: row["file"])
+    ]
+
+
+def select_train(
+    variant: str, sources: Sources, subjects: Sequence[str], label_source: str, mixed_ratio: float
+) -> tuple[list[TrainImage], int]:
+    """(the variant's train images, generated images left out for want of a label)."""
+    if variant == "real":
+        return real_train(sources.real), 0
+    if variant == "variations":
+        return real_train(sources.real) + variation_train(sources.variations), 0
+    if not subjects:
+        raise GenfusionError(f"datasets@{variant}: params.yaml defines no subjects to generate images of")
+    labelled, unlabelled = synthetic_train(sources, subjects, label_source)
+    missing = (
+        f"{len(unlabelled)} generated images have no label from labels.source={label_source!r};"
+        " run the prelabel stage or pull people's labels"
     )
-    return len(images), boxes
+    if variant == "synthetic":
+        if not labelled:
+            raise GenfusionError(f"datasets@synthetic: {missing}")
+        return labelled, len(unlabelled)
+    if variant != "mixed":
+        raise GenfusionError(f"datasets: unknown variant {variant!r}; known: {list(VARIANTS)}")
+    real = real_train(sources.real)
+    wanted = round(mixed_ratio * len(real))
+    if wanted > len(labelled):
+        raise GenfusionError(
+            f"datasets.mixed_ratio: {mixed_ratio:g} x {len(real)} real images needs {wanted} labelled"
+            f" synthetic images, and {len(labelled)} exist; "
+            + (missing if unlabelled else "raise generate.n (or lower the ratio)")
+        )
+    return real + labelled[:wanted], len(unlabelled)
 
 
-def build_dataset(variant: str, real: Path, out: Path) -> dict:
-    if variant != "real":
-        raise GenfusionError(f"datasets: unknown variant {variant!r}; known: ['real']")
-    real_yaml = yaml.safe_load((real / "dataset.yaml").read_text())
-    to_real = Path(os.path.relpath(real, out))
-    splits = {split: (to_real / "images" / split).as_posix() for split in ("train", "val", "test")}
-    train_images, train_boxes = count_split(real, "train")
-    counts = {
-        "variant": variant,
-        "real_images": train_images,
-        "synthetic_images": 0,
-        "train_images": train_images,
-        "train_boxes": train_boxes,
-    }
-    body = yaml.safe_dump(splits | {"names": real_yaml["names"]}, sort_keys=False)
+def count_boxes(labels: Iterable[Path]) -> int:
+    return sum(sum(1 for line in label.read_text().splitlines() if line.strip()) for label in labels)
+
+
+def write_dataset(
+    variant: str, items: Sequence[TrainImage], real: Path, names: list[str], counts: dict, out: Path
+) -> None:
+    # Images keep their own names: tiles, generated images and variations are named apart.
+    seen: dict[str, Path] = {}
+    for item in items:
+        name = item.image.name
+        if name in seen:
+            raise GenfusionError(f"datasets@{variant}: {item.image} and {seen[name]} share the name {name}")
+        seen[name] = item.image
     with fsio.replace_dir(out) as tmp:
+        images, labels = tmp / "images" / "train", tmp / "labels" / "train"
+        images.mkdir(parents=True)
+        labels.mkdir(parents=True)
+        for item in items:
+            name = item.image.name
+            # Relative to where the link will live once the scratch folder is renamed to `out`.
+            target = os.path.relpath(item.image.resolve(), (out / "images" / "train").resolve())
+            os.symlink(target, images / name)
+            shutil.copyfile(item.label, labels / f"{Path(name).stem}.txt")
+        to_real = Path(os.path.relpath(real.resolve(), out.resolve()))
+        splits = {
+            "train": "images/train",
+            "val": (to_real / "images" / "val").as_posix(),
+            "test": (to_real / "images" / "test").as_posix(),
+        }
+        body = yaml.safe_dump(splits | {"names": names}, sort_keys=False)
         (tmp / "dataset.yaml").write_text(
             f"# YOLO dataset for the {variant!r} variant, written by `genfusion datasets`;"
             " paths are relative to this file.\n" + body
         )
         fsio.write_json(tmp / "counts.json", counts)
+
+
+def build_dataset(
+    variant: str, sources: Sources, out: Path, subjects: Sequence[str], label_source: str, mixed_ratio: float
+) -> dict:
+    items, unlabelled = select_train(variant, sources, subjects, label_source, mixed_ratio)
+    names = yaml.safe_load((sources.real / "dataset.yaml").read_text())["names"]
+    counts = {
+        "variant": variant,
+        "real_images": sum(not item.synthetic for item in items),
+        "synthetic_images": sum(item.synthetic for item in items),
+        "train_images": len(items),
+        "train_boxes": count_boxes(item.label for item in items),
+        # The yardstick of `train.same_steps`: every variant trains on as many images as this.
+        "real_train_split": len(real_train(sources.real)),
+        "synthetic_without_label": unlabelled,
+    }
+    write_dataset(variant, items, sources.real, names, counts, out)
     return counts
+
+
+def main(params_path: Path, variant: str, sources: Sources, out: Path) -> dict:
+    from genfusion.params import load_params
+
+    params = load_params(params_path)
+    return build_dataset(
+        variant, sources, out, list(params.subjects), params.labels.source, params.datasets.mixed_ratio
+    )

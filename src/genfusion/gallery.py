@@ -11,22 +11,28 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from genfusion import fsio
+
 CELL = 128
 LABEL = 16
 
 
-def grid(rows: Sequence[tuple[str, Sequence[Path | None]]], columns: int) -> Image.Image:
-    """Labelled rows of square thumbnails, `columns` wide; None leaves a cell empty."""
-    canvas = Image.new("RGB", (columns * CELL, len(rows) * (LABEL + CELL)), "white")
+def grid(
+    rows: Sequence[tuple[str, Sequence[Image.Image | Path | None]]], columns: int, cell: int = CELL
+) -> Image.Image:
+    """Labelled rows of square thumbnails (images or image files), `columns` wide; None leaves a
+    cell empty."""
+    canvas = Image.new("RGB", (columns * cell, len(rows) * (LABEL + cell)), "white")
     draw = ImageDraw.Draw(canvas)
-    for r, (label, paths) in enumerate(rows):
-        top = r * (LABEL + CELL)
+    for r, (label, images) in enumerate(rows):
+        top = r * (LABEL + cell)
         draw.text((4, top + 2), label, fill="black")
-        for c, path in enumerate(paths[:columns]):
-            if path is not None:
-                with Image.open(path) as image:
-                    thumb = image.convert("RGB").resize((CELL, CELL), Image.Resampling.LANCZOS)
-                canvas.paste(thumb, (c * CELL, top + LABEL))
+        for c, image in enumerate(images[:columns]):
+            if isinstance(image, Path):
+                with Image.open(image) as opened:
+                    image = opened.convert("RGB")
+            if image is not None:
+                canvas.paste(image.resize((cell, cell), Image.Resampling.LANCZOS), (c * cell, top + LABEL))
     return canvas
 
 
@@ -46,8 +52,4 @@ def gallery_rows(real: Path, generated: Path, variations: Path, columns: int) ->
 
 
 def main(real: Path, generated: Path, variations: Path, out: Path, columns: int = 8) -> None:
-    image = grid(gallery_rows(real, generated, variations, columns), columns)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(out)
+    fsio.write_png(out, grid(gallery_rows(real, generated, variations, columns), columns))

@@ -82,12 +82,6 @@ def write_manifest(path: Path, columns: Sequence[str], rows: Sequence[dict[str, 
     fsio.write_text(path, text.getvalue())
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _intact(out_dir: Path, job: ImageJob) -> bool:
     return (out_dir / job.file).is_file() and all(
         (out_dir / name).is_file() and (out_dir / name).read_bytes() == data
@@ -160,7 +154,7 @@ def run_jobs(
         for job, image in zip(chunk, render(chunk), strict=True):
             for name, data in job.companions.items():
                 fsio.write_bytes(out_dir / name, data)
-            fsio.write_bytes(out_dir / job.file, png_bytes(image))
+            fsio.write_png(out_dir / job.file, image)
             done.add(job.file)
         if state.is_main_process:
             write_manifest(out_dir / MANIFEST, columns, [job.row for job in jobs if job.file in done])

@@ -8,7 +8,9 @@ anywhere is caught by the first stage that runs, not hours later.
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -59,12 +61,18 @@ class SeedsParams(Section):
         return self
 
 
+Variant = Literal["real", "synthetic", "mixed", "variations"]
+
+
 class TrainParams(Section):
-    variants: list[Literal["real"]] = ["real"]
+    variants: list[Variant] = ["real", "synthetic", "mixed", "variations"]
     seeds: list[int] = [0]
     model: str = "yolov8n.yaml"
-    imgsz: PositiveInt = 320
-    epochs: PositiveInt = 150
+    imgsz: PositiveInt = 256
+    epochs: PositiveInt = 100
+    # Scale each variant's epochs so that it trains on as many images as `epochs` passes over
+    # the real train split: the variants then differ in data, not in compute.
+    same_steps: bool = True
     batch: PositiveInt = 8
     workers: Annotated[int, Field(ge=0)] = 2
     device: str = "cpu"
@@ -101,9 +109,21 @@ class TrainParams(Section):
         return v
 
 
+class LabelsParams(Section):
+    source: Literal["auto", "manual", "manual_else_auto"] = "auto"
+
+
+class DatasetsParams(Section):
+    mixed_ratio: Annotated[float, Field(ge=0)] = 1.0
+
+
 class EvaluateParams(Section):
     conf: Fraction = 0.001
     iou: Fraction = 0.7
+
+
+class ReportParams(Section):
+    conf: Fraction = 0.25
 
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -198,8 +218,11 @@ class SubjectParams(Section):
 class Params(Section):
     classes: list[str]
     seeds: SeedsParams
+    labels: LabelsParams = LabelsParams()
+    datasets: DatasetsParams = DatasetsParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    report: ReportParams = ReportParams()
     diffusion: DiffusionParams = DiffusionParams()
     generate: GenerateParams = GenerateParams()
     variations: VariationsParams = VariationsParams()
@@ -291,3 +314,70 @@ def load_params(path: Path = Path("params.yaml")) -> Params:
     except yaml.YAMLError as exc:
         raise GenfusionError(f"{path}: not valid YAML: {exc}") from None
     return parse_params(data, path)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the dotted keys `dvc exp run -S` takes."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def override_value(value: Any) -> str:
+    """A value in the override grammar of `dvc exp run -S` (Hydra's). Strings other than plain
+    words and paths are quoted, so that commas and spaces are not read as a sweep and "0"
+    stays a string."""
+    if isinstance(value, str):
+        if re.fullmatch(r"[A-Za-z_][\w./:@-]*", value) and value.lower() not in ("true", "false", "null"):
+            return value
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    return str(value)
+
+
+def profile_overrides(profile_path: Path, params_path: Path = Path("params.yaml")) -> list[str]:
+    """`key=value` overrides (for `dvc exp run -S`) that turn params.yaml into the profile.
+
+    A profile is a params file holding only what differs, plus an optional `sweep:` mapping of
+    dotted keys to lists of values, which DVC expands into one queued experiment per
+    combination. Every combination is validated here, before anything runs.
+    """
+    profile_path = Path(profile_path)
+    try:
+        profile = yaml.safe_load(profile_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GenfusionError(f"{profile_path}: profile not found") from None
+    except yaml.YAMLError as exc:
+        raise GenfusionError(f"{profile_path}: not valid YAML: {exc}") from None
+    if not isinstance(profile, dict):
+        raise GenfusionError(f"{profile_path}: a profile is a mapping of params sections")
+    sweep = profile.pop("sweep", None) or {}
+    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+        raise GenfusionError(f"{profile_path}: sweep: maps dotted keys to non-empty lists of values")
+    base = _merged(yaml.safe_load(Path(params_path).read_text(encoding="utf-8")), profile)
+    for combination in itertools.product(*sweep.values()):
+        values = base
+        for key, value in zip(sweep, combination, strict=True):
+            values = _merged(values, _nested(key.split("."), value))
+        parse_params(values, profile_path)
+    overrides = [f"{key}={override_value(value)}" for key, value in flatten(profile).items()]
+    return overrides + [f"{key}={','.join(override_value(v) for v in vs)}" for key, vs in sweep.items()]
+
+
+def _nested(keys: list[str], value: Any) -> dict[str, Any]:
+    return {keys[0]: _nested(keys[1:], value) if len(keys) > 1 else value}
+
+
+def _merged(base: Any, update: Any) -> Any:
+    if isinstance(base, dict) and isinstance(update, dict):
+        return {**base, **{k: _merged(base.get(k), v) for k, v in update.items()}}
+    return update

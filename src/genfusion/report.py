@@ -1,12 +1,15 @@
-"""`report` stage: Genfusion Table-1 style summary over variants, models and seeds.
+"""`report` stage: Genfusion Table-1 style summary over variants, models and seeds, and figures.
 
 Rows are (variant, model); columns AP@0.5:0.95, AP50 and AP75 as mean +- sample std
 over seeds (std is 0 for a single seed), and each mean's difference to the `real`
-variant with the same model.
+variant with the same model. Figures: every variant's precision-recall curve in one chart,
+AP50 against the number of synthetic train images, and each variant's detections on real
+test tiles.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 from collections import defaultdict
@@ -84,10 +87,158 @@ def render_markdown(summary: dict[str, dict[str, dict]]) -> str:
     )
 
 
-def main(eval_dir: Path, summary_out: Path, markdown_out: Path, params_path: Path) -> None:
+def read_pr_curve(path: Path) -> tuple[list[float], list[float]]:
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [float(r["recall"]) for r in rows], [float(r["precision"]) for r in rows]
+
+
+def pr_figure(curves: dict[str, list[tuple[list[float], list[float]]]]):
+    """Each variant's precision-recall curve at IoU 0.5, the mean over its seeds."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4.5), dpi=100)
+    axes = figure.subplots()
+    for variant, runs in curves.items():
+        recall = runs[0][0]
+        precision = np.mean([run[1] for run in runs], axis=0)
+        axes.plot(recall, precision, label=f"{variant} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+    axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1))
+    axes.set_title("Precision-recall at IoU 0.5 on the real test split")
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def synthetic_points(summary: dict[str, dict[str, dict]]) -> list[tuple[str, int, float, float]]:
+    """(variant and model, synthetic train images, AP50 mean, AP50 std) of each report row."""
+    return [
+        (f"{variant} ({model})", row["synthetic_images"], row["map50_mean"], row["map50_std"])
+        for variant, models in summary.items()
+        for model, row in models.items()
+    ]
+
+
+def synthetic_figure(points: Sequence[tuple[str, int, float, float]]):
+    """AP50 (mean +- std over seeds) against the number of synthetic train images, a line per
+    variant and model: one point per row of this run, or per experiment of a sweep."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4.5), dpi=100)
+    axes = figure.subplots()
+    for label in dict.fromkeys(point[0] for point in points):
+        mine = sorted(point[1:] for point in points if point[0] == label)
+        xs, ys, errors = zip(*mine, strict=True)
+        axes.errorbar(xs, ys, yerr=errors, fmt="o-", capsize=4, label=label)
+    axes.set(xlabel="synthetic train images", ylabel="AP50 on the real test split")
+    axes.set_title("AP50 against the number of synthetic images")
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def experiment_summaries(shown: object) -> list[dict]:
+    """Every `metrics/summary.json` in `dvc exp show --json` output (workspace, commits and
+    their experiments)."""
+    found = []
+    if isinstance(shown, dict):
+        metrics = (shown.get("data") or {}).get("metrics") or {}
+        summary = (metrics.get("metrics/summary.json") or {}).get("data")
+        if summary:
+            found.append(summary)
+        for value in shown.values():
+            found += experiment_summaries(value)
+    elif isinstance(shown, list):
+        for value in shown:
+            found += experiment_summaries(value)
+    return found
+
+
+def sweep_main(out: Path) -> None:
+    """`reports/sweep.png`: AP50 against synthetic images over every experiment DVC knows."""
+    import subprocess
+
+    done = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+    if done.returncode:
+        raise GenfusionError(f"sweep: `dvc exp show --json` failed: {done.stderr.strip()}")
+    summaries = experiment_summaries(json.loads(done.stdout))
+    points = [point for summary in summaries for point in synthetic_points(summary)]
+    if not points:
+        raise GenfusionError("sweep: no experiment has metrics/summary.json yet; run `dvc exp run` first")
+    fsio.write_png(out, synthetic_figure(sorted(set(points))))
+
+
+PixelBox = tuple[float, float, float, float]
+
+
+def draw_boxes(image, boxes: Sequence[PixelBox], colour: str, width: int):
+    """`image` with pixel boxes (x0, y0, x1, y1) drawn on it."""
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(image)
+    for box in boxes:
+        draw.rectangle(box, outline=colour, width=width)
+    return image
+
+
+def true_boxes(label: Path, names: list[str], size: tuple[int, int]) -> list[PixelBox]:
+    from genfusion.annotations import parse_yolo_line
+
+    boxes = [parse_yolo_line(line, names, *size) for line in label.read_text().splitlines() if line.strip()]
+    return [(b.x0, b.y0, b.x1, b.y1) for b in boxes]
+
+
+def detections_figure(detectors: dict[str, Path], real: Path, params, columns: int = 4):
+    """A row per variant: its detector's boxes (red) and the true boxes (yellow) on test tiles."""
+    from PIL import Image
+
+    from genfusion.gallery import grid
+    from genfusion.yolo import load_yolo
+
+    tiles = sorted((real / "images" / "test").glob("*.png"))[:columns]
+    truth = {}
+    for tile in tiles:
+        with Image.open(tile) as image:
+            label = real / "labels" / "test" / f"{tile.stem}.txt"
+            truth[tile] = true_boxes(label, params.classes, image.size)
+    rows = []
+    for variant, weights in detectors.items():
+        model = load_yolo(weights)
+        results = model.predict(
+            [str(t) for t in tiles], imgsz=params.train.imgsz, conf=params.report.conf,
+            device=params.train.device, verbose=False,
+        )  # fmt: skip
+        images, found = [], 0
+        for tile, result in zip(tiles, results, strict=True):
+            boxes = result.boxes.xyxy.tolist()
+            found += len(boxes)
+            image = draw_boxes(Image.open(tile).convert("RGB"), truth[tile], "yellow", 1)
+            images.append(draw_boxes(image, boxes, "red", 2))
+        true_count = sum(len(b) for b in truth.values())
+        rows.append((f"{variant} ({weights.parent.parent.name}): {found} found, {true_count} true", images))
+    return grid(rows, columns, cell=256)
+
+
+def main(
+    eval_dir: Path,
+    pr_dir: Path,
+    detectors_dir: Path,
+    real: Path,
+    summary_out: Path,
+    markdown_out: Path,
+    figures_dir: Path,
+    params_path: Path,
+) -> None:
     from genfusion.params import load_params
 
     params = load_params(params_path)
-    summary = summarise(load_evaluations(eval_dir, params.train.variants, params.train.seeds))
+    variants, seeds = params.train.variants, params.train.seeds
+    summary = summarise(load_evaluations(eval_dir, variants, seeds))
+    curves = {v: [read_pr_curve(pr_dir / f"{v}-{s}.csv") for s in seeds] for v in variants}
+    detectors = {v: detectors_dir / f"{v}-{seeds[0]}" / "weights" / "best.pt" for v in variants}
+    fsio.write_png(figures_dir / "pr_curves.png", pr_figure(curves))
+    fsio.write_png(figures_dir / "ap_vs_synthetic.png", synthetic_figure(synthetic_points(summary)))
+    fsio.write_png(figures_dir / "detections.png", detections_figure(detectors, real, params))
     fsio.write_json(summary_out, summary)
     fsio.write_text(markdown_out, render_markdown(summary))

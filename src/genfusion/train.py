@@ -24,17 +24,31 @@ from genfusion.yolo import load_yolo
 log = logging.getLogger(__name__)
 
 # TrainParams fields that are not Ultralytics train() arguments.
-NOT_YOLO_ARGS = ("variants", "seeds", "model")
+NOT_YOLO_ARGS = ("variants", "seeds", "model", "same_steps")
 
 
-def train_args(params: TrainParams, seed: int) -> dict:
+def variant_epochs(params: TrainParams, counts: dict) -> int:
+    """`train.epochs`, or with `same_steps` as many epochs as make `epochs` real-split passes."""
+    if not params.same_steps:
+        return params.epochs
+    return max(1, round(params.epochs * counts["real_train_split"] / counts["train_images"]))
+
+
+def train_args(params: TrainParams, seed: int, counts: dict) -> dict:
     """Ultralytics train() arguments: every other train.* param, plus the seed."""
-    return {k: v for k, v in params.model_dump().items() if k not in NOT_YOLO_ARGS} | {"seed": seed}
+    args = {k: v for k, v in params.model_dump().items() if k not in NOT_YOLO_ARGS}
+    return args | {"seed": seed, "epochs": variant_epochs(params, counts)}
 
 
 def request_fingerprint(data_yaml: Path, model: str, args: dict) -> str:
     """What makes two training runs the same run, for deciding whether to resume."""
-    blob = json.dumps({"data": data_yaml.read_text(), "model": model, "args": args}, sort_keys=True)
+    labels = hashlib.sha256()
+    for label in sorted((data_yaml.parent / "labels" / "train").glob("*.txt")):
+        labels.update(label.name.encode() + b"\0" + label.read_bytes() + b"\0")
+    blob = json.dumps(
+        {"data": data_yaml.read_text(), "labels": labels.hexdigest(), "model": model, "args": args},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -89,7 +103,7 @@ class DvcLiveLogger:
 
 def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainParams, seed: int) -> Path:
     """Train and return the path of the best weights inside `out`."""
-    args = train_args(params, seed)
+    args = train_args(params, seed, json.loads((data_yaml.parent / "counts.json").read_text()))
     scratch = out.with_name(f".{out.name}.partial").resolve()
     fingerprint = request_fingerprint(data_yaml, params.model, args)
     request_file = scratch / "request.sha256"
