@@ -146,8 +146,8 @@ def queued_params(shown: object) -> list[dict]:
     """The params.yaml values of every queued experiment in `dvc exp show --json` output."""
     found = []
     if isinstance(shown, dict):
-        if shown.get("status") == "Queued":
-            found.append(shown["data"]["params"]["params.yaml"]["data"])
+        if (shown.get("executor") or {}).get("state") == "queued":
+            found.append(shown["revs"][0]["data"]["params"]["params.yaml"]["data"])
         for value in shown.values():
             found += queued_params(value)
     elif isinstance(shown, list):
