@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from genfusion.datasets import build_dataset
+from genfusion.datasets import Sources, build_dataset
 from genfusion.formats import read_annotations
 from genfusion.params import load_params
 from genfusion.seeds import run_seeds
@@ -30,7 +30,9 @@ def workspace(neon_seeds: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     loaded = load_params(root / "params.yaml")
     run_seeds(read_annotations(neon_seeds), loaded.seeds, loaded.classes, root / "data/real")
-    build_dataset("real", root / "data/real", root / "data/datasets/real")
+    folders = ("real", "generated", "prelabels", "annotations", "variations")
+    sources = Sources(*(root / "data" / name for name in folders))
+    build_dataset("real", sources, root / "data/datasets/real", [], "auto", 1.0)
     return root
 
 
