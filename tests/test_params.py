@@ -160,3 +160,10 @@ def test_profile_is_validated_for_every_sweep_value_before_anything_runs(tmp_pat
     profile.write_text(yaml.safe_dump({"sweep": {"train.epochs": 3}}))
     with pytest.raises(GenfusionError, match="sweep: maps dotted keys to non-empty lists"):
         profile_overrides(profile, ROOT / "params.yaml")
+
+
+def test_a_trained_variant_must_be_built(raw: dict) -> None:
+    raw["train"]["variants"] = ["real", "mixed"]
+    raw["datasets"]["variants"] = ["variations"]
+    with pytest.raises(GenfusionError, match=r"train.variants: \['mixed'\] are not built"):
+        parse_params(raw)

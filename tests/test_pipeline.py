@@ -23,6 +23,8 @@ TINY = {
     "finetune": {"steps": 2, "num_class_images": 2},
     "generate": {"n": 2, "steps": 2},
     "variations": {"per_image": 1, "steps": 2, "strength": 0.5},
+    # 2 of the 20 real train tiles: as many synthetic images as generate.n makes.
+    "datasets": {"mixed_ratio": 0.1},
 }
 
 

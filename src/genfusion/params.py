@@ -114,6 +114,9 @@ class LabelsParams(Section):
 
 
 class DatasetsParams(Section):
+    # The variants built from synthetic data. `real` is built by its own stage, because the
+    # real detector labels the generated images the synthetic variants train on.
+    variants: list[Literal["synthetic", "mixed", "variations"]] = ["synthetic", "mixed", "variations"]
     mixed_ratio: Annotated[float, Field(ge=0)] = 1.0
 
 
@@ -240,6 +243,12 @@ class Params(Section):
                     f"subjects.{name}.select.classes: {unknown} are not in classes {self.classes}"
                 )
             self.finetune_for(name)
+        unbuilt = [v for v in self.train.variants if v != "real" and v not in self.datasets.variants]
+        if unbuilt:
+            raise ValueError(
+                f"train.variants: {unbuilt} are not built; add them to datasets.variants"
+                f" {self.datasets.variants}"
+            )
         for source_name, target in self.seeds.class_map.items():
             if target not in self.classes:
                 raise ValueError(
@@ -294,6 +303,8 @@ def _describe(error: dict[str, Any], model: type[BaseModel] | None = None) -> st
     if error["type"] == "missing":
         return f"{key}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across sections: the message names the keys, the input is the whole file
+        return message
     return f"{key}: {message} (got {error.get('input')!r})"
 
 
