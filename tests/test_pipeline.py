@@ -135,7 +135,7 @@ def test_a_changed_param_touches_only_the_stages_that_read_it(repo: Path) -> Non
         "finetune@canopy",
         "generate@canopy",
         "variations",
-        "datasets@real",
+        "real_dataset",
     ):
         assert f"Running stage '{untouched}'" not in out
     assert "up to date" in run(repo, "dvc", "status")
