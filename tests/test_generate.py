@@ -17,6 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
+from genfusion import fsio
 from genfusion import generate as generate_stage
 from genfusion.base_model import save_builtin
 from genfusion.errors import GenfusionError
@@ -110,15 +111,15 @@ def test_run_stopped_mid_batch_resumes_with_the_same_batches(pipe, tmp_path: Pat
     settings = {"resolution": 64, "batch": 4}
     run(pipe, tmp_path / "uninterrupted", 8, **settings)
     written = []
-    real_write = generate_stage.write_bytes
+    real_write = fsio.write_png
 
-    def write_then_die(path: Path, data: bytes) -> None:
-        real_write(path, data)
+    def write_then_die(path: Path, image) -> None:
+        real_write(path, image)
         written.append(path.name)
         if len(written) == 5:  # the first image of the second batch
             raise Killed
 
-    monkeypatch.setattr(generate_stage, "write_bytes", write_then_die)
+    monkeypatch.setattr(fsio, "write_png", write_then_die)
     with pytest.raises(Killed):
         run(pipe, tmp_path / "out", 8, **settings)
     monkeypatch.undo()

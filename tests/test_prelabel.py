@@ -127,7 +127,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_prelabel_stage_writes_one_label_file_and_mask_per_image(base_dir: Path, tmp_path: Path) -> None:
-    params = tiny_project(tmp_path, 3, {"map_size": 8, "min_box_area": 2})
+    params = tiny_project(tmp_path, 3, {"min_box_area": 2})  # map_size auto: 8 at 32 px
     generated, out = tmp_path / "generated", tmp_path / "prelabels"
     generate_stage.main(params, "canopy", base_dir, None, tmp_path, generated)
     rows = read_rows(generated / "manifest.csv")
@@ -233,7 +233,7 @@ def test_detector_prelabels_are_valid_yolo_files(neon_seeds: Path, base_dir: Pat
     from genfusion.seeds import run_seeds
     from genfusion.train import train_detector
 
-    params_path = tiny_project(tmp_path, 2, {"method": "detector", "score": 0.0})
+    params_path = tiny_project(tmp_path, 2, {"method": "detector", "conf": 0.0})
     params = load_params(params_path)
     run_seeds(read_annotations(neon_seeds), params.seeds, params.classes, tmp_path / "data/real")
     build_dataset("real", tmp_path / "data/real", tmp_path / "data/datasets/real")

@@ -4,10 +4,11 @@ Class-prompt appending: the class names are appended to each prompt, so that eve
 its own tokens to attend to. While the pipeline runs, capturing processors on the UNet's
 attention modules record, for the conditional half of the batch only:
 - cross-attention (`attn2`) of each class's tokens (mean over its tokens, so a class word the
-  tokenizer splits into several tokens works), from every selected layer, resized to
-  `map_size` and averaged over layers and the selected sampling steps: `cross` (C, S, S);
-- self-attention (`attn1`) of the layers whose map is `map_size` on a side, averaged the same
-  way: `self` (S*S, S*S), which the prelabel stage raises to a power to refine `cross`.
+  tokenizer splits into several tokens works), from every selected layer, averaged over the
+  selected sampling steps, per map size, then over map sizes at S cells on a side: `cross` (C, S, S);
+- self-attention (`attn1`) of the layers whose map is S on a side (`map_size`, or with `auto`
+  the largest up to AUTO_MAX_SIDE), averaged the same way: `self` (S*S, S*S), which the
+  prelabel stage raises to a power to refine `cross`.
 
 A capturing processor computes its probabilities beside the module's own processor and returns
 that processor's output untouched, so images are the same bytes with or without capture.
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 
     from genfusion.params import PrelabelParams
 
+# map_size auto: the largest self-attention map kept, in cells on a side; its (S*S)^2 values are
+# stored per image (2 MB in float16 at 32), and SD 1.x at 512 px has maps of 64 (32 MB).
+AUTO_MAX_SIDE = 32
 # A fixed zip timestamp, so the same maps give the same file bytes (np.savez stamps "now").
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -68,7 +72,7 @@ def settings_key(params: PrelabelParams) -> str:
 
 
 class _Recorder:
-    """Sums of the maps of one pipeline call (one batch of `n` images)."""
+    """Sums of the maps of one pipeline call (one batch of `n` images), by map side."""
 
     def __init__(self, params: PrelabelParams, positions: list[list[list[int]]], total_steps: int) -> None:
         self.size = params.map_size
@@ -78,48 +82,61 @@ class _Recorder:
         # Steps counted from the first (noisiest); [0, 1] is all of them.
         self.wanted = range(int(round(first * total_steps)), max(int(round(last * total_steps)), 1))
         self.step = -1
-        self.cross_sum = None
-        self.cross_count = 0
-        self.self_sum = None
-        self.self_count = 0
+        self.cross: dict[int, list] = {}  # side -> [sum (n, C, side, side), count]
+        self.self: dict[int, list] = {}  # side -> [sum (n, side^2, side^2), count]
         self.sides: set[int] = set()
 
     @property
     def active(self) -> bool:
         return self.step in self.wanted
 
+    def wants_self(self, side: int) -> bool:
+        return side == self.size if self.size != "auto" else side <= AUTO_MAX_SIDE
+
+    @staticmethod
+    def _add(sums: dict[int, list], side: int, value: torch.Tensor) -> None:
+        if side in sums:
+            sums[side][0] += value
+            sums[side][1] += 1
+        else:
+            sums[side] = [value, 1]
+
     def add_cross(self, probs: torch.Tensor) -> None:
-        """probs: (n, H*W, tokens), mean over heads."""
+        """probs: (n, H*W, tokens), mean over heads -> per class, mean over its tokens."""
         import torch
-        import torch.nn.functional as F
 
         side = _side(probs.shape[1])
         per_class = torch.stack(
             [torch.stack([probs[i, :, pos].mean(-1) for pos in self.positions[i]]) for i in range(self.n)]
         )  # (n, C, H*W)
-        maps = per_class.reshape(self.n, -1, side, side).float()
-        if side != self.size:
-            maps = F.interpolate(maps, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        self.cross_sum = maps if self.cross_sum is None else self.cross_sum + maps
-        self.cross_count += 1
+        self._add(self.cross, side, per_class.reshape(self.n, -1, side, side).float())
 
     def add_self(self, probs: torch.Tensor) -> None:
-        """probs: (n, H*W, H*W), mean over heads, at map_size."""
-        probs = probs.float()
-        self.self_sum = probs if self.self_sum is None else self.self_sum + probs
-        self.self_count += 1
+        """probs: (n, H*W, H*W), mean over heads."""
+        self._add(self.self, _side(probs.shape[1]), probs.float())
 
     def maps(self) -> list[dict[str, np.ndarray]]:
-        if not self.cross_count or not self.self_count:
+        """Per image: `cross` averaged over every layer, resized to the side of the self-attention
+        kept (map_size, or with `auto` the largest side up to AUTO_MAX_SIDE), and that `self`."""
+        import torch.nn.functional as F
+
+        if not self.cross or not self.self:
             raise GenfusionError(
                 f"prelabel.map_size: {self.size}, but the selected blocks' attention maps are"
-                f" {sorted(self.sides)} on a side (cross-attention found: {self.cross_count > 0},"
-                " self-attention of that size found:"
-                f" {self.self_count > 0}); set prelabel.map_size to one of those sizes"
-                " or prelabel.blocks to include such a layer"
+                f" {sorted(self.sides)} on a side (cross-attention found: {bool(self.cross)},"
+                f" self-attention of that size found: {bool(self.self)}); set prelabel.map_size"
+                " to one of those sizes (or auto) or prelabel.blocks to include such a layer"
             )
-        cross = (self.cross_sum / self.cross_count).cpu().numpy()
-        self_attention = (self.self_sum / self.self_count).cpu().numpy()
+        size = max(self.self)
+        self_sum, self_count = self.self[size]
+        cross = sum(
+            F.interpolate(total / count, size=(size, size), mode="bilinear", align_corners=False)
+            if side != size
+            else total / count
+            for side, (total, count) in self.cross.items()
+        ) / len(self.cross)
+        cross = cross.cpu().numpy()
+        self_attention = (self_sum / self_count).cpu().numpy()
         return [
             {"cross": cross[i].astype(np.float16), "self": self_attention[i].astype(np.float16)}
             for i in range(self.n)
@@ -149,7 +166,7 @@ class CaptureProcessor:
         recorder = self.recorder
         side = _side(hidden_states.shape[1])
         recorder.sides.add(side)
-        if recorder.active and (self.cross or side == recorder.size):
+        if recorder.active and (self.cross or recorder.wants_self(side)):
             import torch
 
             n = recorder.n  # the conditional half is last (diffusers concatenates [uncond, cond])

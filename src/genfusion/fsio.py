@@ -7,6 +7,7 @@ truncated one.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -32,6 +33,16 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
+
+
+def write_png(path: Path, image: Any) -> None:
+    """A PIL image, or a matplotlib figure, as a PNG file."""
+    buffer = io.BytesIO()
+    if hasattr(image, "savefig"):
+        image.savefig(buffer, format="png")
+    else:
+        image.save(buffer, format="PNG")
+    write_bytes(path, buffer.getvalue())
 
 
 def write_json(path: Path, data: Any) -> None:

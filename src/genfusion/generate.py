@@ -83,12 +83,6 @@ def write_manifest(path: Path, columns: Sequence[str], rows: Sequence[dict[str, 
     fsio.write_text(path, text.getvalue())
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _intact(out_dir: Path, job: ImageJob) -> bool:
     return (
         (out_dir / job.file).is_file()
@@ -170,7 +164,7 @@ def run_jobs(
             image, extras = made if isinstance(made, tuple) else (made, {})
             for name, data in (job.companions | extras).items():
                 fsio.write_bytes(out_dir / name, data)
-            fsio.write_bytes(out_dir / job.file, png_bytes(image))
+            fsio.write_png(out_dir / job.file, image)
             done.add(job.file)
         if state.is_main_process:
             write_manifest(out_dir / MANIFEST, columns, [job.row for job in jobs if job.file in done])

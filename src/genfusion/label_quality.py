@@ -3,7 +3,7 @@
 Per subject, where people finished images (`data/annotations/<subject>/labels/`): precision and
 recall at IoU 0.5 of the automatic labels against people's boxes (greedy matching, highest
 score first, per class), and mask IoU where both sides have masks. And the detector
-pre-labeller (the `real` detector at `prelabel.score`) scored the same way on the real val split.
+pre-labeller (the `real` detector at `prelabel.conf`) scored the same way on the real val split.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from genfusion import fsio
 from genfusion.annotations import Box, parse_yolo_line
 from genfusion.errors import GenfusionError
 from genfusion.images import read_header
+from genfusion.params import PrelabelParams
 from genfusion.prelabel import IGNORE
 
 IOU = 0.5
@@ -117,19 +118,19 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def detector_quality(
-    weights: Path, real: Path, names: list[str], score: float, imgsz: int, device: str
+    weights: Path, real: Path, names: list[str], settings: PrelabelParams, imgsz: int, device: str
 ) -> dict:
     """The detector pre-labeller on the real val split, scored like the automatic labels."""
     from genfusion.prelabel import detect
 
     images = sorted((real / "images" / "val").glob("*.png"))
     tp = predictions = truths = 0
-    for path, found in zip(images, detect(weights, images, names, score, imgsz, device), strict=True):
+    for path, found in zip(images, detect(weights, images, names, settings, imgsz, device), strict=True):
         truth = read_boxes(real / "labels" / "val" / f"{path.stem}.txt", names, read_header(path).size)
         tp += match(found.boxes, found.scores, truth)
         predictions += len(found.boxes)
         truths += len(truth)
-    return {"images": len(images), "score": score, **counts_to_metrics(tp, predictions, truths)}
+    return {"images": len(images), "conf": settings.conf, **counts_to_metrics(tp, predictions, truths)}
 
 
 def main(
@@ -153,6 +154,6 @@ def main(
     }
     if weights.is_file():
         report["detector_on_real_val"] = detector_quality(
-            weights, real, params.classes, params.prelabel.score, params.train.imgsz, params.train.device
+            weights, real, params.classes, params.prelabel, params.train.imgsz, params.train.device
         )
     fsio.write_json(out, report)

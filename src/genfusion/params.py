@@ -198,14 +198,15 @@ class SubjectParams(Section):
 class PrelabelParams(Section):
     method: Literal["attention", "detector"] = "attention"
     blocks: Annotated[list[Literal["down", "mid", "up"]], Field(min_length=1)] = ["down", "mid", "up"]
-    map_size: PositiveInt = 16
+    map_size: PositiveInt | Literal["auto"] = "auto"
     steps: tuple[Fraction, Fraction] = (0.0, 1.0)
     self_exponent: NonNegativeInt = 4
     low: Fraction = 0.4
     high: Fraction = 0.6
     min_box_area: NonNegativeInt = 16
-    detector_seed: int = 0
-    score: Fraction = 0.25
+    seed: int = 0
+    conf: Fraction = 0.25
+    iou: Fraction = 0.7
 
     @model_validator(mode="after")
     def _ordered(self) -> PrelabelParams:

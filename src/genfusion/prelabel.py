@@ -7,7 +7,7 @@ Two methods (params `prelabel.method`):
   c+1 class c, 255 ignore between `low` and `high`); each connected region of a class of at
   least `min_box_area` pixels becomes a box scored by its mean class score. Thresholds are
   applied here, so tuning them never regenerates images.
-- detector: the detector trained on the real seeds labels the images above `score`.
+- detector: the detector trained on the real seeds labels the images above `conf`.
 
 Writes `labels/<stem>.txt` (5-column YOLO, empty = nothing found, one per image), `masks/<stem>.png`
 (attention only) and `manifest.csv` (file, method, boxes, scores as a JSON list in label order):
@@ -101,9 +101,14 @@ def attention_labels(
 
 
 def detect(
-    weights: Path, images: Sequence[Path], names: Sequence[str], score: float, imgsz: int, device: str
+    weights: Path,
+    images: Sequence[Path],
+    names: Sequence[str],
+    settings: PrelabelParams,
+    imgsz: int,
+    device: str,
 ) -> list[Labels]:
-    """Boxes the detector finds with confidence >= score, per image."""
+    """Boxes the detector finds with confidence >= prelabel.conf, per image."""
     from genfusion.yolo import load_yolo
 
     if not Path(weights).is_file():
@@ -114,7 +119,9 @@ def detect(
     model = load_yolo(weights)
     found = []
     for path in progress_bar(images, f"detect ({len(images)} images)"):
-        result = model.predict(str(path), conf=score, imgsz=imgsz, device=device, verbose=False)[0]
+        result = model.predict(
+            str(path), conf=settings.conf, iou=settings.iou, imgsz=imgsz, device=device, verbose=False
+        )[0]
         xyxy = result.boxes.xyxy.cpu().numpy()
         classes = result.boxes.cls.cpu().numpy().astype(int)
         confidences = result.boxes.conf.cpu().numpy()
@@ -139,15 +146,13 @@ def write_labels(
     """The prelabels folder: labels/, masks/ (when any), manifest.csv; replaced whole."""
     from PIL import Image
 
-    from genfusion.generate import png_bytes
-
     rows = []
     with fsio.replace_dir(out) as scratch:
         for stem, found, (width, height) in zip(stems, labels, sizes, strict=True):
             lines = [yolo_line(box, names.index(box.label), width, height) for box in found.boxes]
             fsio.write_text(scratch / "labels" / f"{stem}.txt", "".join(f"{line}\n" for line in lines))
             if found.mask is not None:
-                fsio.write_bytes(scratch / "masks" / f"{stem}.png", png_bytes(Image.fromarray(found.mask)))
+                fsio.write_png(scratch / "masks" / f"{stem}.png", Image.fromarray(found.mask))
             rows.append(
                 {
                     "file": f"labels/{stem}.txt",
@@ -175,9 +180,7 @@ def main(params_path: Path, subject: str, generated: Path, weights: Path, out: P
     stems = [path.stem for path in images]
     sizes = [read_header(path).size for path in images]
     if settings.method == "detector":
-        labels = detect(
-            weights, images, params.classes, settings.score, params.train.imgsz, params.train.device
-        )
+        labels = detect(weights, images, params.classes, settings, params.train.imgsz, params.train.device)
     else:
         labels = []
         for row, stem, size in progress_bar(
