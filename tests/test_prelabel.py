@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +129,9 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_prelabel_stage_writes_one_label_file_and_mask_per_image(base_dir: Path, tmp_path: Path) -> None:
-    params = tiny_project(tmp_path, 3, {"min_box_area": 2})  # map_size auto: 8 at 32 px
+    params = tiny_project(
+        tmp_path, 3, {"method": "attention", "min_box_area": 2}
+    )  # map_size auto: 8 at 32 px
     generated, out = tmp_path / "generated", tmp_path / "prelabels"
     generate_stage.main(params, "canopy", base_dir, None, tmp_path, generated)
     rows = read_rows(generated / "manifest.csv")
@@ -226,41 +230,61 @@ def test_label_quality_matches_a_hand_count(tmp_path: Path) -> None:
     assert label_quality.mask_iou(auto_mask, people_mask, 1) == 0.5  # the ignored pixel is left out
 
 
+def genfusion(root: Path, *args: str) -> None:
+    """A stage through the command line, in its own process: YOLO training changes torch's
+    global settings (deterministic algorithms), which would change later tests' images."""
+    command = [
+        sys.executable,
+        "-c",
+        "from genfusion.cli import main; main()",
+        *args,
+        "--params",
+        "params.yaml",
+    ]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_detector_prelabels_are_valid_yolo_files(neon_seeds: Path, base_dir: Path, tmp_path: Path) -> None:
     from genfusion.datasets import build_dataset
     from genfusion.formats import read_annotations
     from genfusion.params import load_params
     from genfusion.seeds import run_seeds
-    from genfusion.train import train_detector
 
     params_path = tiny_project(tmp_path, 2, {"method": "detector", "conf": 0.0})
     params = load_params(params_path)
     run_seeds(read_annotations(neon_seeds), params.seeds, params.classes, tmp_path / "data/real")
     build_dataset("real", tmp_path / "data/real", tmp_path / "data/datasets/real")
-    weights = train_detector(
-        tmp_path / "data/datasets/real/dataset.yaml", tmp_path / "det", tmp_path / "live", params.train, 0
+    genfusion(tmp_path, "train", "--data", "data/datasets/real", "--out", "det", "--live", "live")
+    weights = tmp_path / "det/weights/best.pt"
+    generate_stage.main(params_path, "canopy", base_dir, None, tmp_path, tmp_path / "generated/canopy")
+    genfusion(
+        tmp_path,
+        "prelabel",
+        "canopy",
+        "--generated",
+        "generated/canopy",
+        "--out",
+        "pl/canopy",
+        "--weights",
+        str(weights),
     )
-    generated, out = tmp_path / "generated", tmp_path / "prelabels"
-    generate_stage.main(params_path, "canopy", base_dir, None, tmp_path, generated)
-    prelabel.main(params_path, "canopy", generated, weights, out)
+    out = tmp_path / "pl/canopy"
     assert sorted(p.name for p in (out / "labels").iterdir()) == ["canopy_00000.txt", "canopy_00001.txt"]
     assert not (out / "masks").exists()
+    lines = 0
     for path in (out / "labels").iterdir():
         for line in path.read_text().splitlines():
             parse_yolo_line(line, ["tree"], 32, 32)  # raises on a malformed line
+            lines += 1
     manifest = read_rows(out / "manifest.csv")
     assert {row["method"] for row in manifest} == {"detector"}
+    assert sum(int(row["boxes"]) for row in manifest) == lines
 
-    quality = tmp_path / "labels.json"
-    label_quality.main(
-        params_path,
-        tmp_path / "pl",
-        tmp_path / "ann",
-        tmp_path / "gen",
-        tmp_path / "data/real",
-        weights,
-        quality,
-    )
-    detector = json.loads(quality.read_text())["detector_on_real_val"]
+    paths = ["--prelabels", "pl", "--annotations", "ann", "--generated", "generated", "--real", "data/real"]
+    genfusion(tmp_path, "label-quality", *paths, "--weights", str(weights), "--out", "labels.json")
+    report = json.loads((tmp_path / "labels.json").read_text())
+    assert report["subjects"]["canopy"] == {"annotated": 0, "note": "no people's labels yet"}
+    detector = report["detector_on_real_val"]
     assert detector["images"] == len(list((tmp_path / "data/real/images/val").glob("*.png"))) > 0
     assert 0 <= detector["precision"] <= 1 and 0 <= detector["recall"] <= 1

@@ -196,7 +196,7 @@ class SubjectParams(Section):
 
 
 class PrelabelParams(Section):
-    method: Literal["attention", "detector"] = "attention"
+    method: Literal["attention", "detector"] = "detector"
     blocks: Annotated[list[Literal["down", "mid", "up"]], Field(min_length=1)] = ["down", "mid", "up"]
     map_size: PositiveInt | Literal["auto"] = "auto"
     steps: tuple[Fraction, Fraction] = (0.0, 1.0)
