@@ -97,8 +97,7 @@ def _intact(out_dir: Path, job: ImageJob) -> bool:
 def _remove_strays(out_dir: Path, subdirs: Sequence[str], keep: set[str]) -> None:
     """Delete what a clean run would not have written: images of other requests, temp files."""
     for sub in subdirs:
-        if not (out_dir / sub).is_dir():
-            continue
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
         for path in (out_dir / sub).iterdir():
             if f"{sub}/{path.name}" not in keep and path.is_file():
                 path.unlink()
@@ -283,7 +282,10 @@ def generate(
         render,
         batch,
         f"generate@{subject}",
-        subdirs=("images", "attention"),
+        # Maps of an earlier run with capture on are strays once it is off.
+        subdirs=("images", "attention")
+        if attention is not None or (out_dir / "attention").exists()
+        else ("images",),
         state=state,
     )
 
