@@ -6,6 +6,8 @@ Each measurement runs in a fresh process, so its peak RSS is its own. The genera
 gives images per second for `genfusion.generate.generate` (manifest, atomic PNG writes,
 resume checks included) and for the plain diffusers loop a user would write with the same
 model, settings, batch and image count, and the ratio ours / bare (>= 1.0 is the goal).
+`--attention` times `generate` with attention capture on (prelabel.method: attention; the
+class name appended to the prompt, maps saved per image) against the same bare loop.
 """
 
 from __future__ import annotations
@@ -68,10 +70,13 @@ def bare_loop(pipe, n: int, batch: int, steps: int, resolution: int, guidance: f
             image.save(out / f"{i:05d}.png")
 
 
-def generation(n: int, batch: int, steps: int, resolution: int, guidance: float, repeats: int) -> dict:
+def generation(
+    n: int, batch: int, steps: int, resolution: int, guidance: float, repeats: int, attention: bool
+) -> dict:
     """Median seconds of our `generate` and of the bare loop, same process, same loaded model."""
     from genfusion.base_model import save_builtin
     from genfusion.generate import generate
+    from genfusion.params import PrelabelParams
     from genfusion.sd import build_tiny_pipeline, load_generator, use_scheduler
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,6 +86,8 @@ def generation(n: int, batch: int, steps: int, resolution: int, guidance: float,
         use_scheduler(pipe, "ddim")
         bare_loop(pipe, 1, 1, 2, resolution, guidance, Path(tmp) / "warm-up")
         settings = {"guidance": guidance, "steps": steps, "resolution": resolution, "batch": batch}
+        if attention:  # the builtin model's attention maps are resolution / 4 on a side
+            settings |= {"attention": PrelabelParams(map_size=resolution // 4), "classes": ["tree"]}
         timings: dict[str, list[float]] = {"ours": [], "bare": []}
         for r in range(repeats):
             # Alternate which runs first, so warm caches or a noisy neighbour favour neither.
@@ -128,6 +135,7 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=30)
     parser.add_argument("--pretrain-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--attention", action="store_true", help="generate with attention capture on")
     args = parser.parse_args()
     if not (args.real / "images" / "train").is_dir():
         parser.error(f"{args.real}/images/train not found: run `genfusion seeds` (or `make repro`) first")
@@ -139,11 +147,19 @@ def main() -> None:
         f" autoencoder {rates['vae']:.2f} steps/s; peak RSS {rates['rss']:.0f} MiB"
     )
     gen = in_fresh_process(
-        generation, args.images, args.batch, args.steps, args.resolution, args.guidance, args.repeats
+        generation,
+        args.images,
+        args.batch,
+        args.steps,
+        args.resolution,
+        args.guidance,
+        args.repeats,
+        args.attention,
     )
     n = args.images
     print(
-        f"generate {n} images at {args.resolution} px, {args.steps} DDIM steps, guidance {args.guidance},"
+        f"generate (attention capture {'on' if args.attention else 'off'}) {n} images at"
+        f" {args.resolution} px, {args.steps} DDIM steps, guidance {args.guidance},"
         f" batch {args.batch}: ours {n / gen['ours']:.2f} img/s, bare diffusers loop {n / gen['bare']:.2f}"
         f" img/s, ratio ours/bare {gen['bare'] / gen['ours']:.2f} (bare one image per call:"
         f" {n / gen['one_by_one']:.2f} img/s); {gen['ours'] / n:.2f} s/image; peak RSS {gen['rss']:.0f} MiB"

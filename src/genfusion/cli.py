@@ -258,6 +258,44 @@ def gallery(
     main(real, generated, variations, out)
 
 
+@app.command()
+def prelabel(
+    subject: Annotated[str, typer.Argument(help="Subject name (a key of `subjects` in params).")],
+    generated: Annotated[Path, typer.Option(help="The subject's generated folder (images/, attention/).")],
+    out: Annotated[Path, typer.Option(help="Output folder (labels/, masks/, manifest.csv).")],
+    weights: Annotated[Path, typer.Option(help="Detector weights, for prelabel.method: detector.")] = Path(
+        "models/detectors/real-0/weights/best.pt"
+    ),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Automatic labels for generated images: attention maps or a detector (prelabel.*)."""
+    from genfusion.prelabel import main
+
+    main(params_path, subject, generated, weights, out)
+
+
+@app.command("label-quality")
+def label_quality(
+    out: Annotated[Path, typer.Option(help="Metrics JSON to write.")] = Path("metrics/labels.json"),
+    prelabels: Annotated[Path, typer.Option(help="Folder of automatic labels per subject.")] = Path(
+        "data/prelabels"
+    ),
+    annotations: Annotated[Path, typer.Option(help="Folder of people's labels per subject.")] = Path(
+        "data/annotations"
+    ),
+    generated: Annotated[Path, typer.Option(help="Folder of generated subjects.")] = Path("data/generated"),
+    real: RealOpt = Path("data/real"),
+    weights: Annotated[Path, typer.Option(help="The real detector scored on the real val split.")] = Path(
+        "models/detectors/real-0/weights/best.pt"
+    ),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Precision and recall of the automatic labels against people's, and of the detector on real val."""
+    from genfusion.label_quality import main
+
+    main(params_path, prelabels, annotations, generated, real, weights, out)
+
+
 def main() -> None:
     try:
         app(standalone_mode=True)

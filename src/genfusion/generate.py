@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    from genfusion.params import DiffusionParams
+    from genfusion.params import DiffusionParams, PrelabelParams
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class ImageJob:
     prompt: str
     source: Path | None = None  # img2img input image
     companions: dict[str, bytes] = field(default_factory=dict)  # files written beside it (labels)
+    extras: tuple[str, ...] = ()  # files `render` makes beside it (attention maps)
 
 
 def read_manifest(path: Path) -> dict[str, dict[str, str]]:
@@ -83,9 +84,13 @@ def write_manifest(path: Path, columns: Sequence[str], rows: Sequence[dict[str, 
 
 
 def _intact(out_dir: Path, job: ImageJob) -> bool:
-    return (out_dir / job.file).is_file() and all(
-        (out_dir / name).is_file() and (out_dir / name).read_bytes() == data
-        for name, data in job.companions.items()
+    return (
+        (out_dir / job.file).is_file()
+        and all(
+            (out_dir / name).is_file() and (out_dir / name).read_bytes() == data
+            for name, data in job.companions.items()
+        )
+        and all((out_dir / name).is_file() for name in job.extras)
     )
 
 
@@ -114,7 +119,7 @@ def run_jobs(
     out_dir: Path,
     jobs: Sequence[ImageJob],
     columns: Sequence[str],
-    render: Callable[[list[ImageJob]], list[Image.Image]],
+    render: Callable[[list[ImageJob]], list[Image.Image] | list[tuple[Image.Image, dict[str, bytes]]]],
     batch: int,
     description: str,
     subdirs: Sequence[str] = ("images",),
@@ -122,6 +127,9 @@ def run_jobs(
     state: PartialState | None = None,
 ) -> list[dict[str, str]]:
     """Render the jobs not already in `out_dir` with the same row; return the manifest rows.
+
+    `render` gives an image per job, or (image, {file: bytes}) when it also makes the job's
+    `extras`; these and the companions are written before the image, which marks the job done.
 
     Several processes (`accelerate launch`) share the work batch by batch; only the main
     process deletes strays and writes the manifest.
@@ -137,7 +145,7 @@ def run_jobs(
     )
     state.wait_for_everyone()
     if state.is_main_process:
-        keep = kept | {name for job in jobs if job.file in kept for name in job.companions}
+        keep = kept | {name for job in jobs if job.file in kept for name in (*job.companions, *job.extras)}
         _remove_strays(out_dir, subdirs, keep)
         write_manifest(out_dir / MANIFEST, columns, [job.row for job in jobs if job.file in kept])
     state.wait_for_everyone()
@@ -151,8 +159,9 @@ def run_jobs(
     done = set(kept)
     count = sum(len(block) for block in mine)
     for chunk in progress_bar(mine, f"{description} ({count} images)", total=len(mine)):
-        for job, image in zip(chunk, render(chunk), strict=True):
-            for name, data in job.companions.items():
+        for job, made in zip(chunk, render(chunk), strict=True):
+            image, extras = made if isinstance(made, tuple) else (made, {})
+            for name, data in (job.companions | extras).items():
                 fsio.write_bytes(out_dir / name, data)
             fsio.write_png(out_dir / job.file, image)
             done.add(job.file)
@@ -188,20 +197,45 @@ def generate(
     fingerprint: str,
     scheduler: str = "ddim",
     state: PartialState | None = None,
+    attention: PrelabelParams | None = None,
+    classes: Sequence[str] = (),
 ) -> list[dict[str, str]]:
-    """Make images `indices` into `out_dir/images/`, keeping those already made for this request."""
+    """Make images `indices` into `out_dir/images/`, keeping those already made for this request.
+
+    With `attention` (prelabel.method: attention) the class names are appended to the prompts
+    and each image's attention maps are saved beside it as `attention/<stem>.npz`.
+    """
     import torch
+
+    from genfusion.attention import (
+        capture_attention,
+        class_prompt,
+        class_token_positions,
+        npz_bytes,
+        settings_key,
+    )
 
     check_resolution(resolution)
     if not prompts:
         raise GenfusionError("generate.prompts: needs at least one prompt")
     for k, prompt in enumerate(prompts):
         check_prompt(pipe.tokenizer, prompt, f"generate.prompts[{k}]")
+    columns = GENERATE_COLUMNS
+    positions: dict[str, list[list[int]]] = {}
+    if attention is not None:
+        # The manifest records the prompt actually used, and what the maps depend on.
+        columns = (*GENERATE_COLUMNS, "attention")
+        prompts = [class_prompt(prompt, classes) for prompt in prompts]
+        for k, prompt in enumerate(prompts):
+            positions[prompt] = class_token_positions(
+                pipe.tokenizer, prompt, classes, f"generate.prompts[{k}]"
+            )
     use_scheduler(pipe, scheduler)
     jobs = []
     for i in indices:
+        stem = f"{subject}_{i:05d}"
         row = {
-            "file": f"images/{subject}_{i:05d}.png",
+            "file": f"images/{stem}.png",
             "subject": subject,
             "prompt": prompts[i % len(prompts)],
             "negative_prompt": negative_prompt,
@@ -212,9 +246,14 @@ def generate(
             "guidance": guidance,
             "resolution": resolution,
         }
-        jobs.append(ImageJob(row["file"], {k: str(v) for k, v in row.items()}, row["seed"], row["prompt"]))
+        extras: tuple[str, ...] = ()
+        if attention is not None:
+            row["attention"] = settings_key(attention)
+            extras = (f"attention/{stem}.npz",)
+        text_row = {k: str(v) for k, v in row.items()}
+        jobs.append(ImageJob(row["file"], text_row, row["seed"], row["prompt"], extras=extras))
 
-    def render(chunk: list[ImageJob]) -> list[Image.Image]:
+    def call(chunk: list[ImageJob]) -> list[Image.Image]:
         with memory_guard(f"generate@{subject}", "generate.batch"):
             return pipe(
                 prompt=[job.prompt for job in chunk],
@@ -226,7 +265,29 @@ def generate(
                 generator=[torch.Generator(pipe.device).manual_seed(job.seed) for job in chunk],
             ).images
 
-    return run_jobs(out_dir, jobs, GENERATE_COLUMNS, render, batch, f"generate@{subject}", state=state)
+    def render_with_maps(chunk: list[ImageJob]) -> list[tuple[Image.Image, dict[str, bytes]]]:
+        with capture_attention(pipe, attention, [positions[job.prompt] for job in chunk], steps) as recorder:
+            images = call(chunk)
+        maps = recorder.maps()
+        return [
+            (image, {job.extras[0]: npz_bytes(arrays)})
+            for job, image, arrays in zip(chunk, images, maps, strict=True)
+        ]
+
+    render = call if attention is None else render_with_maps
+    return run_jobs(
+        out_dir,
+        jobs,
+        columns,
+        render,
+        batch,
+        f"generate@{subject}",
+        # Maps of an earlier run with capture on are strays once it is off.
+        subdirs=("images", "attention")
+        if attention is not None or (out_dir / "attention").exists()
+        else ("images",),
+        state=state,
+    )
 
 
 def open_generator(
@@ -290,4 +351,6 @@ def main(
         fingerprint=model_fingerprint(base_dir, finetuned_dir),
         scheduler=request.scheduler,
         state=state,
+        attention=params.prelabel if params.prelabel.method == "attention" else None,
+        classes=params.classes,
     )

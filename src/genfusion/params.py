@@ -218,6 +218,30 @@ class SubjectParams(Section):
     finetune: dict[str, Any] = {}
 
 
+class PrelabelParams(Section):
+    method: Literal["attention", "detector"] = "detector"
+    blocks: Annotated[list[Literal["down", "mid", "up"]], Field(min_length=1)] = ["down", "mid", "up"]
+    map_size: PositiveInt | Literal["auto"] = "auto"
+    steps: tuple[Fraction, Fraction] = (0.0, 1.0)
+    self_exponent: NonNegativeInt = 4
+    low: Fraction = 0.4
+    high: Fraction = 0.6
+    min_box_area: NonNegativeInt = 16
+    seed: int = 0
+    conf: Fraction = 0.25
+    iou: Fraction = 0.7
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PrelabelParams:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not be above high ({self.high})")
+        if self.steps[0] >= self.steps[1]:
+            raise ValueError(
+                f"steps must be [first, last) fractions with first < last, got {list(self.steps)}"
+            )
+        return self
+
+
 class Params(Section):
     classes: list[str]
     seeds: SeedsParams
@@ -231,6 +255,7 @@ class Params(Section):
     variations: VariationsParams = VariationsParams()
     finetune: FinetuneParams = FinetuneParams()
     subjects: dict[str, SubjectParams] = {}
+    prelabel: PrelabelParams = PrelabelParams()
 
     @model_validator(mode="after")
     def _classes_known(self) -> Params:

@@ -1,0 +1,159 @@
+"""`label_quality` stage: how good the automatic labels are, as a DVC metric (metrics/labels.json).
+
+Per subject, where people finished images (`data/annotations/<subject>/labels/`): precision and
+recall at IoU 0.5 of the automatic labels against people's boxes (greedy matching, highest
+score first, per class), and mask IoU where both sides have masks. And the detector
+pre-labeller (the `real` detector at `prelabel.conf`) scored the same way on the real val split.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from genfusion import fsio
+from genfusion.annotations import Box, parse_yolo_line
+from genfusion.errors import GenfusionError
+from genfusion.images import read_header
+from genfusion.params import PrelabelParams
+from genfusion.prelabel import IGNORE
+
+IOU = 0.5
+
+
+def iou(a: Box, b: Box) -> float:
+    inter = a.intersect(b.x0, b.y0, b.x1, b.y1).area
+    union = a.area + b.area - inter
+    return inter / union if union > 0 else 0.0
+
+
+def match(predicted: Sequence[Box], scores: Sequence[float], truth: Sequence[Box]) -> int:
+    """True positives at IoU >= 0.5: each prediction, highest score first, takes the best
+    still-free true box of its class."""
+    free = list(truth)
+    hits = 0
+    for k in sorted(range(len(predicted)), key=lambda k: -scores[k]):
+        box = predicted[k]
+        candidates = [(iou(box, t), i) for i, t in enumerate(free) if t.label == box.label]
+        best = max(candidates, default=(0.0, -1))
+        if best[0] >= IOU:
+            free.pop(best[1])
+            hits += 1
+    return hits
+
+
+def counts_to_metrics(tp: int, predictions: int, truths: int) -> dict:
+    return {
+        "precision": tp / predictions if predictions else 0.0,
+        "recall": tp / truths if truths else 0.0,
+        "predictions": predictions,
+        "truths": truths,
+        "true_positives": tp,
+    }
+
+
+def read_boxes(path: Path, names: list[str], size: tuple[int, int]) -> list[Box]:
+    try:
+        return [parse_yolo_line(line, names, *size) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as exc:
+        raise GenfusionError(f"{path}: {exc}") from None
+
+
+def mask_iou(auto: np.ndarray, people: np.ndarray, classes: int) -> float:
+    """Mean over classes present on either side of the class IoU, pixels marked ignore left out."""
+    valid = (auto != IGNORE) & (people != IGNORE)
+    ious = []
+    for c in range(1, classes + 1):
+        a, p = (auto == c) & valid, (people == c) & valid
+        union = (a | p).sum()
+        if union:
+            ious.append((a & p).sum() / union)
+    return float(np.mean(ious)) if ious else 1.0
+
+
+def subject_quality(prelabels: Path, annotations: Path, generated: Path, names: list[str]) -> dict:
+    """Automatic labels of one subject against the images people finished."""
+    from PIL import Image
+
+    people = sorted((annotations / "labels").glob("*.txt"))
+    if not people:
+        return {"annotated": 0, "note": "no people's labels yet"}
+    manifest = {Path(row["file"]).stem: row for row in _rows(prelabels / "manifest.csv")}
+    tp = predictions = truths = 0
+    mask_scores = []
+    for path in people:
+        stem = path.stem
+        if stem not in manifest:
+            raise GenfusionError(
+                f"{path}: people labelled {stem}, which has no automatic labels in {prelabels}"
+            )
+        size = read_header(generated / "images" / f"{stem}.png").size
+        truth = read_boxes(path, names, size)
+        auto = read_boxes(prelabels / "labels" / f"{stem}.txt", names, size)
+        scores = json.loads(manifest[stem]["scores"])
+        tp += match(auto, scores, truth)
+        predictions += len(auto)
+        truths += len(truth)
+        auto_mask, people_mask = prelabels / "masks" / f"{stem}.png", annotations / "masks" / f"{stem}.png"
+        if auto_mask.is_file() and people_mask.is_file():
+            mask_scores.append(
+                mask_iou(np.asarray(Image.open(auto_mask)), np.asarray(Image.open(people_mask)), len(names))
+            )
+    result = {"annotated": len(people), **counts_to_metrics(tp, predictions, truths)}
+    if mask_scores:
+        result["mask_iou"] = float(np.mean(mask_scores))
+    return result
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    from genfusion.generate import read_manifest
+
+    rows = list(read_manifest(path).values())
+    if not rows:
+        raise GenfusionError(f"{path}: missing or empty; run the prelabel stage first")
+    return rows
+
+
+def detector_quality(
+    weights: Path, real: Path, names: list[str], settings: PrelabelParams, imgsz: int, device: str
+) -> dict:
+    """The detector pre-labeller on the real val split, scored like the automatic labels."""
+    from genfusion.prelabel import detect
+
+    images = sorted((real / "images" / "val").glob("*.png"))
+    tp = predictions = truths = 0
+    for path, found in zip(images, detect(weights, images, names, settings, imgsz, device), strict=True):
+        truth = read_boxes(real / "labels" / "val" / f"{path.stem}.txt", names, read_header(path).size)
+        tp += match(found.boxes, found.scores, truth)
+        predictions += len(found.boxes)
+        truths += len(truth)
+    return {"images": len(images), "conf": settings.conf, **counts_to_metrics(tp, predictions, truths)}
+
+
+def main(
+    params_path: Path,
+    prelabels: Path,
+    annotations: Path,
+    generated: Path,
+    real: Path,
+    weights: Path,
+    out: Path,
+) -> None:
+    from genfusion.params import load_params
+
+    params = load_params(params_path)
+    report: dict = {
+        "method": params.prelabel.method,
+        "subjects": {
+            name: subject_quality(prelabels / name, annotations / name, generated / name, params.classes)
+            for name in params.subjects
+        },
+    }
+    if weights.is_file():
+        report["detector_on_real_val"] = detector_quality(
+            weights, real, params.classes, params.prelabel, params.train.imgsz, params.train.device
+        )
+    fsio.write_json(out, report)

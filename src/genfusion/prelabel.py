@@ -1,0 +1,197 @@
+"""`prelabel@subject` stage: automatic labels for one subject's generated images.
+
+Two methods (params `prelabel.method`):
+- attention (Dataset Diffusion): the maps `generate` captured beside each image
+  (`attention/<stem>.npz`) are refined by the self-attention raised to `self_exponent`,
+  normalised per class, resized to the image and thresholded into a mask (0 background,
+  c+1 class c, 255 ignore between `low` and `high`); each connected region of a class of at
+  least `min_box_area` pixels becomes a box scored by its mean class score. Thresholds are
+  applied here, so tuning them never regenerates images.
+- detector: the detector trained on the real seeds labels the images above `conf`.
+
+Writes `labels/<stem>.txt` (5-column YOLO, empty = nothing found, one per image), `masks/<stem>.png`
+(attention only) and `manifest.csv` (file, method, boxes, scores as a JSON list in label order):
+the format both the datasets stage and Label Studio pre-annotations read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from genfusion import fsio
+from genfusion.annotations import Box, yolo_line
+from genfusion.errors import GenfusionError
+from genfusion.generate import MANIFEST, read_manifest, write_manifest
+from genfusion.params import PrelabelParams
+from genfusion.progress import progress_bar
+
+IGNORE = 255
+PRELABEL_COLUMNS = ("file", "method", "boxes", "scores")
+
+
+@dataclass(frozen=True)
+class Labels:
+    """One image's automatic labels: boxes with scores, and a mask for the attention method."""
+
+    boxes: tuple[Box, ...]
+    scores: tuple[float, ...]
+    mask: np.ndarray | None = None
+
+
+def refine(cross: np.ndarray, self_attention: np.ndarray, exponent: int) -> np.ndarray:
+    """Class maps (C, S, S) refined by self-attention^exponent and min-max normalised per class."""
+    classes, side, _ = cross.shape
+    flat = cross.reshape(classes, side * side).astype(np.float64)
+    power = np.linalg.matrix_power(self_attention.astype(np.float64), exponent)
+    refined = (power @ flat.T).T.reshape(classes, side, side)
+    low = refined.min(axis=(1, 2), keepdims=True)
+    span = refined.max(axis=(1, 2), keepdims=True) - low
+    return np.divide(refined - low, span, out=np.zeros_like(refined), where=span > 0)
+
+
+def scores_to_mask(scores: np.ndarray, low: float, high: float) -> np.ndarray:
+    """(C, H, W) scores in [0, 1] -> uint8 mask: 0 background, c+1 class c, 255 ignore."""
+    best = scores.argmax(axis=0)
+    value = scores.max(axis=0)
+    mask = (best + 1).astype(np.uint8)
+    mask[value < high] = IGNORE
+    mask[value < low] = 0
+    return mask
+
+
+def mask_to_boxes(
+    mask: np.ndarray, scores: np.ndarray, names: Sequence[str], min_area: int
+) -> tuple[list[Box], list[float]]:
+    """Each 8-connected region of a class with at least `min_area` pixels -> its bounding box,
+    scored by the mean class score over the region."""
+    import cv2
+
+    boxes, box_scores = [], []
+    for c, name in enumerate(names):
+        count, regions, stats, _ = cv2.connectedComponentsWithStats(
+            (mask == c + 1).astype(np.uint8), connectivity=8
+        )
+        for k in range(1, count):  # 0 is everything outside the class
+            x, y, w, h, area = stats[k]
+            if area < min_area:
+                continue
+            boxes.append(Box(name, float(x), float(y), float(x + w), float(y + h)))
+            box_scores.append(round(float(scores[c][regions == k].mean()), 4))
+    return boxes, box_scores
+
+
+def attention_labels(
+    maps: dict[str, np.ndarray], size: tuple[int, int], names: Sequence[str], params: PrelabelParams
+) -> Labels:
+    """An image's labels from its captured maps (`cross`, `self`); size is (width, height)."""
+    import cv2
+
+    refined = refine(maps["cross"], maps["self"], params.self_exponent)
+    scores = np.stack(
+        [cv2.resize(m.astype(np.float32), size, interpolation=cv2.INTER_LINEAR) for m in refined]
+    )
+    mask = scores_to_mask(scores, params.low, params.high)
+    boxes, box_scores = mask_to_boxes(mask, scores, names, params.min_box_area)
+    return Labels(tuple(boxes), tuple(box_scores), mask)
+
+
+def detect(
+    weights: Path,
+    images: Sequence[Path],
+    names: Sequence[str],
+    settings: PrelabelParams,
+    imgsz: int,
+    device: str,
+) -> list[Labels]:
+    """Boxes the detector finds with confidence >= prelabel.conf, per image."""
+    from genfusion.yolo import load_yolo
+
+    if not Path(weights).is_file():
+        raise GenfusionError(
+            f"{weights}: detector weights not found; train it first (`dvc repro train@real-<seed>`)"
+            " or set prelabel.method: attention"
+        )
+    model = load_yolo(weights)
+    found = []
+    for path in progress_bar(images, f"detect ({len(images)} images)"):
+        result = model.predict(
+            str(path), conf=settings.conf, iou=settings.iou, imgsz=imgsz, device=device, verbose=False
+        )[0]
+        xyxy = result.boxes.xyxy.cpu().numpy()
+        classes = result.boxes.cls.cpu().numpy().astype(int)
+        confidences = result.boxes.conf.cpu().numpy()
+        order = np.argsort(-confidences, kind="stable")
+        found.append(
+            Labels(
+                tuple(Box(names[classes[i]], *map(float, xyxy[i])) for i in order),
+                tuple(round(float(confidences[i]), 4) for i in order),
+            )
+        )
+    return found
+
+
+def write_labels(
+    out: Path,
+    stems: Sequence[str],
+    labels: Sequence[Labels],
+    sizes: Sequence[tuple[int, int]],
+    names: Sequence[str],
+    method: str,
+) -> None:
+    """The prelabels folder: labels/, masks/ (when any), manifest.csv; replaced whole."""
+    from PIL import Image
+
+    rows = []
+    with fsio.replace_dir(out) as scratch:
+        for stem, found, (width, height) in zip(stems, labels, sizes, strict=True):
+            lines = [yolo_line(box, names.index(box.label), width, height) for box in found.boxes]
+            fsio.write_text(scratch / "labels" / f"{stem}.txt", "".join(f"{line}\n" for line in lines))
+            if found.mask is not None:
+                fsio.write_png(scratch / "masks" / f"{stem}.png", Image.fromarray(found.mask))
+            rows.append(
+                {
+                    "file": f"labels/{stem}.txt",
+                    "method": method,
+                    "boxes": len(lines),
+                    "scores": json.dumps(list(found.scores)),
+                }
+            )
+        write_manifest(scratch / MANIFEST, PRELABEL_COLUMNS, rows)
+
+
+def main(params_path: Path, subject: str, generated: Path, weights: Path, out: Path) -> None:
+    """Entry point: label every image listed in `generated`'s manifest."""
+    from genfusion.images import read_header
+    from genfusion.params import load_params
+
+    params = load_params(params_path)
+    settings = params.prelabel
+    rows = read_manifest(generated / MANIFEST)
+    if not rows:
+        raise GenfusionError(
+            f"{generated / MANIFEST}: no generated images listed; run `dvc repro generate@{subject}` first"
+        )
+    images = [generated / row["file"] for row in rows.values()]
+    stems = [path.stem for path in images]
+    sizes = [read_header(path).size for path in images]
+    if settings.method == "detector":
+        labels = detect(weights, images, params.classes, settings, params.train.imgsz, params.train.device)
+    else:
+        labels = []
+        for row, stem, size in progress_bar(
+            list(zip(rows.values(), stems, sizes, strict=True)), f"prelabel@{subject}"
+        ):
+            maps_path = generated / "attention" / f"{stem}.npz"
+            if row.get("attention") is None or not maps_path.is_file():
+                raise GenfusionError(
+                    f"{maps_path}: no attention maps; they are captured while generating when"
+                    f" prelabel.method is attention: rerun `dvc repro generate@{subject}`"
+                )
+            with np.load(maps_path) as maps:
+                labels.append(attention_labels(dict(maps), size, params.classes, settings))
+    write_labels(out, stems, labels, sizes, params.classes, settings.method)
