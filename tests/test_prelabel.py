@@ -246,7 +246,6 @@ def genfusion(root: Path, *args: str) -> None:
 
 
 def test_detector_prelabels_are_valid_yolo_files(neon_seeds: Path, base_dir: Path, tmp_path: Path) -> None:
-    from genfusion.datasets import build_dataset
     from genfusion.formats import read_annotations
     from genfusion.params import load_params
     from genfusion.seeds import run_seeds
@@ -254,7 +253,7 @@ def test_detector_prelabels_are_valid_yolo_files(neon_seeds: Path, base_dir: Pat
     params_path = tiny_project(tmp_path, 2, {"method": "detector", "conf": 0.0})
     params = load_params(params_path)
     run_seeds(read_annotations(neon_seeds), params.seeds, params.classes, tmp_path / "data/real")
-    build_dataset("real", tmp_path / "data/real", tmp_path / "data/datasets/real")
+    genfusion(tmp_path, "datasets", "real", "--real", "data/real", "--out", "data/datasets/real")
     genfusion(tmp_path, "train", "--data", "data/datasets/real", "--out", "det", "--live", "live")
     weights = tmp_path / "det/weights/best.pt"
     generate_stage.main(params_path, "canopy", base_dir, None, tmp_path, tmp_path / "generated/canopy")
