@@ -17,6 +17,7 @@ from genfusion.datasets import Sources, build_dataset
 from genfusion.formats import read_annotations
 from genfusion.params import load_params
 from genfusion.seeds import run_seeds
+from genfusion.train import checkpoint_is_whole
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,16 @@ def test_killed_training_resumes_and_ends_like_a_full_run(workspace: Path) -> No
         assert process.poll() is None, "training ended before it could be interrupted"
         assert time.monotonic() < deadline, "no checkpoint after 300 s"
         time.sleep(0.05)
-    time.sleep(0.5)  # let the checkpoint finish writing before the kill
+    # Kill at a moment when the checkpoint on disk is whole (an epoch takes well under a second
+    # here, so a plain delay can land in the middle of the next save, and a truncated checkpoint
+    # makes the stage start over instead of resuming). The moment may fall before the epoch's
+    # dvclive callback: the resumed run must then fill in that point of the curves.
+    while True:
+        os.killpg(process.pid, signal.SIGSTOP)
+        if checkpoint_is_whole(scratch / "weights" / "last.pt"):
+            break
+        os.killpg(process.pid, signal.SIGCONT)
+        time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (workspace / "models" / "real-0").exists(), "an interrupted run must not look finished"

@@ -9,6 +9,7 @@ are switched off in `genfusion.yolo`).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -88,6 +89,24 @@ class DvcLiveLogger:
     def on_train_epoch_end(self, trainer) -> None:
         self.in_training_epoch = True
 
+    def catch_up(self, results_csv: Path, last_epoch: int) -> None:
+        """Log the epochs up to the checkpoint's that dvclive missed: a kill can land between
+        Ultralytics saving the checkpoint and the epoch's callback, and Ultralytics writes
+        results.csv before the checkpoint, so it has them."""
+        live = self.live
+        first_missing = live.summary["step"] + 1 if "step" in live.summary else 0
+        with results_csv.open(newline="") as f:
+            rows = list(csv.DictReader(f, skipinitialspace=True))
+        for row in rows:
+            step = int(float(row.pop("epoch"))) - 1
+            row.pop("time", None)
+            if first_missing <= step <= last_epoch:
+                live.step = step
+                for name, value in row.items():
+                    live.log_metric(name, float(value))
+                live.next_step()
+                first_missing = step + 1
+
     def on_fit_epoch_end(self, trainer) -> None:
         # Ultralytics also calls this after the final validation, which is no epoch.
         if not self.in_training_epoch:
@@ -117,6 +136,12 @@ def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainPara
         request_file.write_text(fingerprint)
 
     logger = DvcLiveLogger(scratch / "live", resume)
+    if resume:
+        import torch
+
+        logger.catch_up(
+            scratch / "results.csv", torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+        )
     model = load_yolo(last if resume else params.model)
     logger.attach(model)
     data = str(data_yaml.resolve())
