@@ -17,7 +17,7 @@ from genfusion.datasets import Sources, build_dataset
 from genfusion.formats import read_annotations
 from genfusion.params import load_params
 from genfusion.seeds import run_seeds
-from genfusion.train import checkpoint_is_whole
+from genfusion.train import checkpoint_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_killed_training_resumes_and_ends_like_a_full_run(workspace: Path) -> No
     # dvclive callback: the resumed run must then fill in that point of the curves.
     while True:
         os.killpg(process.pid, signal.SIGSTOP)
-        if checkpoint_is_whole(scratch / "weights" / "last.pt"):
+        if checkpoint_epoch(scratch / "weights" / "last.pt") is not None:
             break
         os.killpg(process.pid, signal.SIGCONT)
         time.sleep(0.05)

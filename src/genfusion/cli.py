@@ -23,6 +23,10 @@ app = typer.Typer(
 )
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="Parameters file.")]
+RealOpt = Annotated[Path, typer.Option(help="Real dataset written by `seeds`.")]
+GeneratedOpt = Annotated[Path, typer.Option(help="Generated images, a folder per subject.")]
+PrelabelsOpt = Annotated[Path, typer.Option(help="Automatic labels, a folder per subject.")]
+AnnotationsOpt = Annotated[Path, typer.Option(help="People's labels, a folder per subject.")]
 
 
 @app.callback()
@@ -63,16 +67,10 @@ def seeds(
 def datasets(
     variant: Annotated[str, typer.Argument(help="Dataset variant: real, synthetic, mixed or variations.")],
     out: Annotated[Path, typer.Option(help="Output folder for this variant.")],
-    real: Annotated[Path, typer.Option(help="Real dataset written by `seeds`.")] = Path("data/real"),
-    generated: Annotated[Path, typer.Option(help="Generated images, a folder per subject.")] = Path(
-        "data/generated"
-    ),
-    prelabels: Annotated[Path, typer.Option(help="Automatic labels, a folder per subject.")] = Path(
-        "data/prelabels"
-    ),
-    annotations: Annotated[Path, typer.Option(help="People's labels, a folder per subject.")] = Path(
-        "data/annotations"
-    ),
+    real: RealOpt = Path("data/real"),
+    generated: GeneratedOpt = Path("data/generated"),
+    prelabels: PrelabelsOpt = Path("data/prelabels"),
+    annotations: AnnotationsOpt = Path("data/annotations"),
     variations: Annotated[Path, typer.Option(help="Variations written by `variations`.")] = Path(
         "data/variations"
     ),
@@ -122,7 +120,7 @@ def report(
     markdown: Annotated[Path, typer.Option(help="Markdown table to write.")] = Path("reports/summary.md"),
     pr_dir: Annotated[Path, typer.Option(help="Folder of evaluate's PR curves.")] = Path("metrics/pr"),
     detectors: Annotated[Path, typer.Option(help="Folder of trained detectors.")] = Path("models/detectors"),
-    real: Annotated[Path, typer.Option(help="Real dataset written by `seeds`.")] = Path("data/real"),
+    real: RealOpt = Path("data/real"),
     figures: Annotated[Path, typer.Option(help="Folder for the figures (PNG).")] = Path("reports"),
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
@@ -166,7 +164,6 @@ def exp(
     sys.exit(subprocess.run(command).returncode)
 
 
-RealOpt = Annotated[Path, typer.Option(help="Real dataset written by `seeds`.")]
 FinetunedOpt = Annotated[
     Path | None, typer.Option(help="Fine-tuned subject folder (LoRA or full UNet); none = the base model.")
 ]
@@ -277,13 +274,9 @@ def prelabel(
 @app.command("label-quality")
 def label_quality(
     out: Annotated[Path, typer.Option(help="Metrics JSON to write.")] = Path("metrics/labels.json"),
-    prelabels: Annotated[Path, typer.Option(help="Folder of automatic labels per subject.")] = Path(
-        "data/prelabels"
-    ),
-    annotations: Annotated[Path, typer.Option(help="Folder of people's labels per subject.")] = Path(
-        "data/annotations"
-    ),
-    generated: Annotated[Path, typer.Option(help="Folder of generated subjects.")] = Path("data/generated"),
+    prelabels: PrelabelsOpt = Path("data/prelabels"),
+    annotations: AnnotationsOpt = Path("data/annotations"),
+    generated: GeneratedOpt = Path("data/generated"),
     real: RealOpt = Path("data/real"),
     weights: Annotated[Path, typer.Option(help="The real detector scored on the real val split.")] = Path(
         "models/detectors/real-0/weights/best.pt"

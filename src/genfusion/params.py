@@ -341,15 +341,22 @@ def parse_params(data: Any, path: Path = Path("params.yaml")) -> Params:
         raise GenfusionError(f"{path}: invalid params:\n  {problems}") from None
 
 
-def load_params(path: Path = Path("params.yaml")) -> Params:
+PARAMS_MISSING = "params file not found (run from the project root)"
+
+
+def read_yaml(path: Path, missing: str) -> Any:
+    """A YAML file's data; `missing` says what to do when the file does not exist."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise GenfusionError(f"{path}: params file not found (run from the project root)") from None
+        raise GenfusionError(f"{path}: {missing}") from None
     except yaml.YAMLError as exc:
         raise GenfusionError(f"{path}: not valid YAML: {exc}") from None
-    return parse_params(data, path)
+
+
+def load_params(path: Path = Path("params.yaml")) -> Params:
+    return parse_params(read_yaml(path, PARAMS_MISSING), Path(path))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -388,18 +395,13 @@ def profile_overrides(profile_path: Path, params_path: Path = Path("params.yaml"
     combination. Every combination is validated here, before anything runs.
     """
     profile_path = Path(profile_path)
-    try:
-        profile = yaml.safe_load(profile_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GenfusionError(f"{profile_path}: profile not found") from None
-    except yaml.YAMLError as exc:
-        raise GenfusionError(f"{profile_path}: not valid YAML: {exc}") from None
+    profile = read_yaml(profile_path, "profile not found")
     if not isinstance(profile, dict):
         raise GenfusionError(f"{profile_path}: a profile is a mapping of params sections")
     sweep = profile.pop("sweep", None) or {}
     if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
         raise GenfusionError(f"{profile_path}: sweep: maps dotted keys to non-empty lists of values")
-    base = _merged(yaml.safe_load(Path(params_path).read_text(encoding="utf-8")), profile)
+    base = _merged(read_yaml(params_path, PARAMS_MISSING), profile)
     for combination in itertools.product(*sweep.values()):
         values = base
         for key, value in zip(sweep, combination, strict=True):

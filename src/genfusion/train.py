@@ -53,17 +53,18 @@ def request_fingerprint(data_yaml: Path, model: str, args: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def checkpoint_is_whole(path: Path) -> bool:
-    """False for a missing checkpoint, or one cut short by a kill while it was written."""
+def checkpoint_epoch(path: Path) -> int | None:
+    """The epoch a checkpoint was saved at; None for a missing checkpoint, or one cut short by a
+    kill while it was written."""
     import torch
 
     try:
-        torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         if path.exists():
             log.warning("train: cannot resume from %s (%s); starting over", path, exc)
-        return False
-    return True
+        return None
+    return checkpoint["epoch"]
 
 
 class DvcLiveLogger:
@@ -127,7 +128,9 @@ def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainPara
     fingerprint = request_fingerprint(data_yaml, params.model, args)
     request_file = scratch / "request.sha256"
     last = scratch / "weights" / "last.pt"
-    resume = request_file.exists() and request_file.read_text() == fingerprint and checkpoint_is_whole(last)
+    same_request = request_file.exists() and request_file.read_text() == fingerprint
+    last_epoch = checkpoint_epoch(last) if same_request else None
+    resume = last_epoch is not None
     if resume:
         log.info("train: resuming the interrupted run in %s", scratch)
     else:
@@ -137,11 +140,7 @@ def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainPara
 
     logger = DvcLiveLogger(scratch / "live", resume)
     if resume:
-        import torch
-
-        logger.catch_up(
-            scratch / "results.csv", torch.load(last, map_location="cpu", weights_only=False)["epoch"]
-        )
+        logger.catch_up(scratch / "results.csv", last_epoch)
     model = load_yolo(last if resume else params.model)
     logger.attach(model)
     data = str(data_yaml.resolve())
