@@ -463,11 +463,11 @@ def test_yolo_size_follows_exif_orientation(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("0 0.5 0.5 0.2 0.2\n0 0.5 abc 0.2 0.2\n", r"a\.txt: line 2: bad YOLO line '0 0\.5 abc 0\.2 0\.2'"),
-        ("0 0.5 0.5 0.2\n", r"a\.txt: line 1: bad YOLO line .*expected 5 numbers"),
+        ("0 0.5 0.5 0.2\n", r"a\.txt: line 1: bad YOLO line .*expected class cx cy w h .* got 4 numbers"),
         ("5 0.5 0.5 0.2 0.2\n", r"a\.txt: line 1: bad YOLO line .*class id 5 is not in 0\.\.1"),
         (
-            "0 0.1 0.1 0.9 0.1 0.5 0.9\n",
-            r"a\.txt: line 1: 7 numbers, a segmentation polygon; polygons are not supported",
+            "0 0.1 0.1 0.9 0.1 0.5 0.9 0.5\n",
+            r"a\.txt: line 1: bad YOLO line .*an outline of at least 3 points\), got 8 numbers",
         ),
     ],
 )
@@ -581,7 +581,8 @@ def test_label_studio_rotated_rectangle_gives_the_enclosing_box(tmp_path: Path) 
     # 30 degrees: corners (0,0), (w cos, w sin), (w cos - h sin, w sin + h cos), (-h sin, h cos)
     # from (50, 20).
     tilted = {**turned, "value": {**turned["value"], "rotation": 30}}
-    other = {"type": "polygonlabels", "value": {"points": [[1, 1]]}}
+    # Results that are neither rectangles nor polygons (a per-image choice here) hold no object.
+    other = {"type": "choices", "value": {"choices": ["sunny"]}}
     write_json(tmp_path / "export.json", [ls_task(1, "a.png", ls_annotation(1, [turned, tilted, other]))])
     (item,) = read_annotations(tmp_path)
     assert len(item.boxes) == 2

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from project import commit, project_repo, run
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
-# Pipeline outputs a developer's working tree may hold; a clean clone has none of them.
-OUTPUTS = ("data/real/", "data/datasets/", "models/", "metrics/", "reports/")
 TINY = {
     "train": {"epochs": 1, "imgsz": 64, "batch": 4, "workers": 0, "seeds": [0, 1]},
     "diffusion": {"resolution": 32, "pretrain_steps": 2, "pretrain_vae_steps": 2},
@@ -28,46 +22,11 @@ TINY = {
 }
 
 
-def run(repo: Path, *args: str) -> str:
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
-
-
-def project_copy(dest: Path) -> Path:
-    """The project's files as a clean clone would have them (no outputs, no cache)."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in listed:
-        if (ROOT / name).is_file() and not name.startswith(OUTPUTS) and name != "dvc.lock":
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return dest
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = project_copy(tmp_path_factory.mktemp("project"))
-    run(repo, "git", "init", "-q", "-b", "main")
-    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
-    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    repo = project_repo(tmp_path_factory.mktemp("project"), TINY)
     run(repo, "dvc", "pull", "-q", "data/seeds/neon-trees.dvc")
     return repo
-
-
-def commit(repo: Path, message: str) -> None:
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
 
 
 def train_matrix(repo: Path) -> list[tuple[str, int]]:

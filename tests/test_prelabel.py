@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +93,14 @@ def test_masks_and_boxes_from_known_blobs() -> None:
     assert (mask[5:15, 10:22] == 1).all() and (mask[20:30, 35:45] == 255).all()
     assert (mask[22:26, 0:8] == 2).all() and mask[0, 0] == 0
     boxes, box_scores = prelabel.mask_to_boxes(mask, scores, ["tree", "dead"], min_area=16)
-    assert boxes == [Box("tree", 10, 5, 22, 15), Box("dead", 0, 22, 8, 26)]
+    assert [replace(box, polygon=()) for box in boxes] == [
+        Box("tree", 10, 5, 22, 15),
+        Box("dead", 0, 22, 8, 26),
+    ]
     assert box_scores == [0.9, 0.8]
+    # Outlines run through the centres of the border pixels.
+    assert set(boxes[0].polygon) == {(10.5, 5.5), (21.5, 5.5), (21.5, 14.5), (10.5, 14.5)}
+    assert set(boxes[1].polygon) == {(0.5, 22.5), (7.5, 22.5), (7.5, 25.5), (0.5, 25.5)}
 
     # Self-attention that spreads each cell to its neighbour: the refined map is smoother,
     # normalised to [0, 1]; exponent 0 leaves the map as it is (up to normalisation).

@@ -2,12 +2,17 @@
 
 Coordinates are absolute pixels in the displayed image frame (EXIF orientation
 applied), x to the right, y down, corners (x0, y0) top-left and (x1, y1) bottom-right.
+An object may also carry its outline (a polygon) for the segmentation task; its box is
+then the polygon's bounds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+Point = tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -17,6 +22,8 @@ class Box:
     y0: float
     x1: float
     y1: float
+    # The object's outline, (x, y) vertices in order; empty for a box-only label.
+    polygon: tuple[Point, ...] = ()
 
     @property
     def width(self) -> float:
@@ -30,14 +37,75 @@ class Box:
     def area(self) -> float:
         return max(self.width, 0.0) * max(self.height, 0.0)
 
+    @property
+    def corners(self) -> tuple[Point, ...]:
+        """The box as an outline, clockwise from the top-left corner."""
+        return ((self.x0, self.y0), (self.x1, self.y0), (self.x1, self.y1), (self.x0, self.y1))
+
     def intersect(self, x0: float, y0: float, x1: float, y1: float) -> Box:
         """This box cut to the window; the result may have zero area."""
         nx0, ny0 = max(self.x0, x0), max(self.y0, y0)
         nx1, ny1 = min(self.x1, x1), min(self.y1, y1)
         return replace(self, x0=nx0, y0=ny0, x1=max(nx0, nx1), y1=max(ny0, ny1))
 
+    def clip(self, x0: float, y0: float, x1: float, y1: float) -> Box:
+        """The part of the object inside the window: box and outline cut to it; an outline cut
+        away entirely leaves a zero-area box."""
+        inside = self.intersect(x0, y0, x1, y1)
+        if not self.polygon:
+            return inside
+        polygon = clip_polygon(self.polygon, x0, y0, x1, y1)
+        if len(polygon) < 3:
+            return replace(inside, x1=inside.x0, y1=inside.y0, polygon=())
+        return polygon_box(self.label, polygon)
+
     def shift(self, dx: float, dy: float) -> Box:
-        return replace(self, x0=self.x0 + dx, y0=self.y0 + dy, x1=self.x1 + dx, y1=self.y1 + dy)
+        return replace(
+            self,
+            x0=self.x0 + dx,
+            y0=self.y0 + dy,
+            x1=self.x1 + dx,
+            y1=self.y1 + dy,
+            polygon=tuple((x + dx, y + dy) for x, y in self.polygon),
+        )
+
+
+def polygon_box(label: str, polygon: Sequence[Point]) -> Box:
+    """The object an outline describes: its bounds, and the outline."""
+    xs, ys = [x for x, _ in polygon], [y for _, y in polygon]
+    return Box(label, min(xs), min(ys), max(xs), max(ys), tuple((float(x), float(y)) for x, y in polygon))
+
+
+def clip_polygon(polygon: Sequence[Point], x0: float, y0: float, x1: float, y1: float) -> tuple[Point, ...]:
+    """Sutherland-Hodgman: `polygon` cut to the rectangle (a convex window, so the result is
+    exact; a concave outline cut in two stays one polygon joined along the window edge)."""
+    edges = (
+        (lambda p: p[0] >= x0, lambda a, b: _cross_x(a, b, x0)),
+        (lambda p: p[0] <= x1, lambda a, b: _cross_x(a, b, x1)),
+        (lambda p: p[1] >= y0, lambda a, b: _cross_y(a, b, y0)),
+        (lambda p: p[1] <= y1, lambda a, b: _cross_y(a, b, y1)),
+    )
+    points = list(polygon)
+    for inside, crossing in edges:
+        kept: list[Point] = []
+        for k, current in enumerate(points):
+            previous = points[k - 1]
+            if inside(current):
+                if not inside(previous):
+                    kept.append(crossing(previous, current))
+                kept.append(current)
+            elif inside(previous):
+                kept.append(crossing(previous, current))
+        points = kept
+    return tuple(points)
+
+
+def _cross_x(a: Point, b: Point, x: float) -> Point:
+    return x, a[1] + (b[1] - a[1]) * (x - a[0]) / (b[0] - a[0])
+
+
+def _cross_y(a: Point, b: Point, y: float) -> Point:
+    return a[0] + (b[0] - a[0]) * (y - a[1]) / (b[1] - a[1]), y
 
 
 @dataclass(frozen=True)
@@ -52,21 +120,35 @@ class LabelledImage:
     source: Path | None = None
 
 
-def yolo_line(box: Box, class_id: int, width: int, height: int) -> str:
-    """`class cx cy w h`, normalised to the image size (Ultralytics' txt format)."""
+def yolo_line(box: Box, class_id: int, width: int, height: int, task: str = "detect") -> str:
+    """`class cx cy w h`, or for the segment task `class x1 y1 x2 y2 ...` (the outline), normalised
+    to the image size (Ultralytics' txt formats; its detector reads boxes off outlines too)."""
+    if task == "segment":
+        if not box.polygon:
+            raise ValueError(f"a {box.label!r} object has a box but no outline")
+        points = " ".join(f"{x / width:.6f} {y / height:.6f}" for x, y in box.polygon)
+        return f"{class_id} {points}"
     cx = (box.x0 + box.x1) / 2 / width
     cy = (box.y0 + box.y1) / 2 / height
     return f"{class_id} {cx:.6f} {cy:.6f} {box.width / width:.6f} {box.height / height:.6f}"
 
 
-def parse_yolo_line(line: str, names: list[str], width: int, height: int) -> Box:
-    """Inverse of `yolo_line`; raises ValueError on a malformed line or class id."""
+def parse_yolo_line(line: str, names: Sequence[str], width: int, height: int) -> Box:
+    """Inverse of `yolo_line` (boxes and outlines); raises ValueError on a malformed line or class id."""
     parts = line.split()
-    if len(parts) != 5:
-        raise ValueError(f"expected 5 numbers (class cx cy w h), got {len(parts)}: {line!r}")
+    if len(parts) != 5 and (len(parts) < 7 or len(parts) % 2 == 0):
+        raise ValueError(
+            f"expected class cx cy w h (5 numbers) or class x1 y1 x2 y2 x3 y3 ... (an outline of"
+            f" at least 3 points), got {len(parts)} numbers: {line!r}"
+        )
     class_id = int(parts[0])
     if not 0 <= class_id < len(names):
         raise ValueError(f"class id {class_id} is not in 0..{len(names) - 1}")
+    if len(parts) > 5:
+        values = [float(p) for p in parts[1:]]
+        return polygon_box(
+            names[class_id], [(x * width, y * height) for x, y in zip(values[::2], values[1::2], strict=True)]
+        )
     cx, cy, w, h = (float(p) for p in parts[1:])
     return Box(
         names[class_id],

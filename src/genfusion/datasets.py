@@ -136,6 +136,19 @@ def count_boxes(labels: Iterable[Path]) -> int:
     return sum(sum(1 for line in label.read_text().splitlines() if line.strip()) for label in labels)
 
 
+def check_outlines(variant: str, items: Sequence[TrainImage]) -> None:
+    """The segment task needs an outline per object: Ultralytics would silently drop every
+    outline of a dataset that mixes them with box-only lines."""
+    for item in items:
+        for number, line in enumerate(item.label.read_text().splitlines(), 1):
+            if len(line.split()) == 5:
+                raise GenfusionError(
+                    f"datasets@{variant}: {item.label}: line {number} is a box without an outline;"
+                    " task: segment trains on outlines only (use prelabel.method: attention, or a"
+                    " segmentation detector, for automatic labels; polygons in Label Studio)"
+                )
+
+
 def write_dataset(
     variant: str, items: Sequence[TrainImage], real: Path, names: list[str], counts: dict, out: Path
 ) -> None:
@@ -171,9 +184,17 @@ def write_dataset(
 
 
 def build_dataset(
-    variant: str, sources: Sources, out: Path, subjects: Sequence[str], label_source: str, mixed_ratio: float
+    variant: str,
+    sources: Sources,
+    out: Path,
+    subjects: Sequence[str],
+    label_source: str,
+    mixed_ratio: float,
+    task: str = "detect",
 ) -> dict:
     items, unlabelled = select_train(variant, sources, subjects, label_source, mixed_ratio)
+    if task == "segment":
+        check_outlines(variant, items)
     names = yaml.safe_load((sources.real / "dataset.yaml").read_text())["names"]
     counts = {
         "variant": variant,
@@ -194,5 +215,11 @@ def main(params_path: Path, variant: str, sources: Sources, out: Path) -> dict:
 
     params = load_params(params_path)
     return build_dataset(
-        variant, sources, out, list(params.subjects), params.labels.source, params.datasets.mixed_ratio
+        variant,
+        sources,
+        out,
+        list(params.subjects),
+        params.labels.source,
+        params.datasets.mixed_ratio,
+        params.task,
     )

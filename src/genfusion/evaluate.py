@@ -1,7 +1,7 @@
 """`evaluate@variant-seed` stage: every detector scored on the same real test split.
 
-Writes AP@0.5:0.95, AP50, AP75, precision and recall as a DVC metric, and the
-precision-recall curve (at IoU 0.5, mean over classes) as a DVC plot.
+Writes AP@0.5:0.95, AP50, AP75, precision and recall (and mask AP for a segmentation model)
+as a DVC metric, and the box precision-recall curve (at IoU 0.5, mean over classes) as a DVC plot.
 """
 
 from __future__ import annotations
@@ -68,6 +68,13 @@ def evaluate_detector(
         "precision": float(box.mp),
         "recall": float(box.mr),
     }
+    if hasattr(result, "seg"):  # a segmentation model (task: segment): its masks are scored too
+        masks = result.seg
+        metrics |= {
+            "mask_map": float(masks.map),
+            "mask_map50": float(masks.map50),
+            "mask_map75": float(masks.map75),
+        }
     precision = np.asarray(box.prec_values).mean(axis=0) if len(box.prec_values) else np.zeros(1000)
     return metrics, pr_curve_csv(np.asarray(box.px), precision)
 

@@ -1,5 +1,8 @@
 """Seed annotations in Pascal VOC, COCO, YOLO or Label Studio form, read as `LabelledImage`s.
 
+Objects are boxes, or outlines where the format has them (COCO segmentation polygons, Label
+Studio polygons, YOLO segment lines), for the segment task.
+
 Boxes are kept exactly as the files say (floats, the files' own class names, no
 clipping, nothing dropped): the seeds stage clips, drops and counts. Every problem
 is a `GenfusionError` naming the file (and the task or line) and what is wrong.
@@ -19,7 +22,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
-from genfusion.annotations import Box, LabelledImage, parse_yolo_line
+from genfusion.annotations import Box, LabelledImage, parse_yolo_line, polygon_box
 from genfusion.errors import GenfusionError
 from genfusion.images import read_header
 
@@ -331,14 +334,42 @@ def _read_coco(source: Path) -> list[LabelledImage]:
         category_id = _get(annotation, "category_id", where)
         if category_id not in categories:
             raise GenfusionError(f"{where}: category_id {category_id!r} is not in 'categories'")
+        label = categories[category_id]
+        if annotation.get("segmentation"):
+            boxes[image_id].append(polygon_box(label, _coco_outline(annotation["segmentation"], where)))
+            continue
         bbox = _get(annotation, "bbox", where)
         if not isinstance(bbox, list) or len(bbox) != 4:
             raise GenfusionError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
         x, y, w, h = (_number(value, f"{where}: bbox[{k}]") for k, value in enumerate(bbox))
-        boxes[image_id].append(Box(categories[category_id], x, y, x + w, y + h))
+        boxes[image_id].append(Box(label, x, y, x + w, y + h))
     return [
         LabelledImage(image, tuple(boxes[image_id]), size, path) for image_id, (image, size) in images.items()
     ]
+
+
+def _coco_outline(segmentation: Any, where: str) -> list[tuple[float, float]]:
+    """The largest polygon of a COCO `segmentation` (YOLO keeps one outline per object)."""
+    if not isinstance(segmentation, list):
+        raise GenfusionError(
+            f"{where}: segmentation is a run-length mask; only polygons ([[x1, y1, x2, y2, ...]])"
+            " are read: export the outlines as polygons"
+        )
+    polygons = []
+    for part, flat in enumerate(segmentation):
+        if not isinstance(flat, list) or len(flat) < 6 or len(flat) % 2:
+            raise GenfusionError(
+                f"{where}: segmentation[{part}] must be [x1, y1, x2, y2, x3, y3, ...] (at least 3 points)"
+            )
+        values = [_number(v, f"{where}: segmentation[{part}][{k}]") for k, v in enumerate(flat)]
+        polygons.append(list(zip(values[::2], values[1::2], strict=True)))
+    return max(polygons, key=_polygon_area)
+
+
+def _polygon_area(points: list[tuple[float, float]]) -> float:
+    """Shoelace formula."""
+    following = points[1:] + points[:1]
+    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, following, strict=True))) / 2
 
 
 # --- YOLO ---------------------------------------------------------------------------
@@ -430,14 +461,8 @@ def _read_yolo_label(label: Path, image: Path, names: list[str]) -> LabelledImag
     width, height = read_header(image).size
     boxes = []
     for number, line in enumerate(label.read_text(encoding="utf-8").splitlines(), 1):
-        count = len(line.split())
-        if count == 0:
+        if not line.split():
             continue
-        if count > 5:
-            raise GenfusionError(
-                f"{label}: line {number}: {count} numbers, a segmentation polygon; polygons are not"
-                " supported here, only boxes (class cx cy w h)"
-            )
         try:
             boxes.append(parse_yolo_line(line, names, width, height))
         except ValueError as err:
@@ -475,15 +500,16 @@ def _read_ls_task(task: Any, index: int, path: Path) -> LabelledImage | None:
     image = _ls_image(str(_get(_get(task, "data", where), "image", f"{where}: data")), path.parent, where)
     boxes, size = [], None
     for number, result in enumerate(_get_list(latest, "result", f"{where}: annotation {latest.get('id')}")):
-        if isinstance(result, dict) and result.get("type") == "rectanglelabels":
-            box, box_size = _ls_box(result, f"{where}: annotation {latest.get('id')}: result {number}")
+        kind = result.get("type") if isinstance(result, dict) else None
+        if kind in ("rectanglelabels", "polygonlabels"):
+            read = _ls_box if kind == "rectanglelabels" else _ls_polygon
+            box, box_size = read(result, f"{where}: annotation {latest.get('id')}: result {number}")
             boxes.append(box)
             size = size or box_size
     return LabelledImage(image, tuple(boxes), size, path)
 
 
-def _ls_box(result: dict, where: str) -> tuple[Box, tuple[int, int]]:
-    value = _get(result, "value", where)
+def _ls_size(result: dict, where: str) -> tuple[float, float]:
     width, height = (
         _number(_get(result, key, where), f"{where}: {key}") for key in ("original_width", "original_height")
     )
@@ -491,18 +517,42 @@ def _ls_box(result: dict, where: str) -> tuple[Box, tuple[int, int]]:
         raise GenfusionError(
             f"{where}: original_width / original_height must be positive, got {width:g} x {height:g}"
         )
+    return width, height
+
+
+def _ls_label(value: dict, key: str, where: str) -> str:
+    labels = _get_list(value, key, f"{where}: value")
+    if not labels:
+        raise GenfusionError(f"{where}: value.{key} is empty")
+    return str(labels[0])
+
+
+def _ls_polygon(result: dict, where: str) -> tuple[Box, tuple[int, int]]:
+    """A polygon result: points in percent of the image, like rectangles."""
+    value = _get(result, "value", where)
+    width, height = _ls_size(result, where)
+    points = _get_list(value, "points", f"{where}: value")
+    if len(points) < 3 or not all(isinstance(p, list) and len(p) == 2 for p in points):
+        raise GenfusionError(f"{where}: value.points must be at least 3 [x, y] pairs, got {points!r}")
+    at = f"{where}: value.points"
+    outline = [(_number(x, at) * width / 100, _number(y, at) * height / 100) for x, y in points]
+    label = _ls_label(value, "polygonlabels", where)
+    return polygon_box(label, outline), (round(width), round(height))
+
+
+def _ls_box(result: dict, where: str) -> tuple[Box, tuple[int, int]]:
+    value = _get(result, "value", where)
+    width, height = _ls_size(result, where)
     x, y, w, h = (
         _number(_get(value, key, f"{where}: value"), f"{where}: value.{key}")
         for key in ("x", "y", "width", "height")
     )
-    labels = _get_list(value, "rectanglelabels", f"{where}: value")
-    if not labels:
-        raise GenfusionError(f"{where}: value.rectanglelabels is empty")
+    label = _ls_label(value, "rectanglelabels", where)
     rotation = _number(value.get("rotation", 0), f"{where}: value.rotation")
     x0, y0, x1, y1 = _rotated_bounds(
         x * width / 100, y * height / 100, w * width / 100, h * height / 100, rotation
     )
-    return Box(str(labels[0]), x0, y0, x1, y1), (round(width), round(height))
+    return Box(label, x0, y0, x1, y1), (round(width), round(height))
 
 
 def _rotated_bounds(

@@ -244,6 +244,7 @@ class PrelabelParams(Section):
 
 class Params(Section):
     classes: list[str]
+    task: Literal["detect", "segment"] = "detect"
     seeds: SeedsParams
     labels: LabelsParams = LabelsParams()
     datasets: DatasetsParams = DatasetsParams()
@@ -268,6 +269,13 @@ class Params(Section):
                     f"subjects.{name}.select.classes: {unknown} are not in classes {self.classes}"
                 )
             self.finetune_for(name)
+        segmentation_model = "-seg" in Path(self.train.model).stem
+        if (self.task == "segment") != segmentation_model:
+            raise ValueError(
+                f"task is {self.task} but train.model {self.train.model!r} is a"
+                f" {'segmentation' if segmentation_model else 'detection'} model; pair task: segment"
+                " with a -seg model (yolov8n-seg.yaml) and task: detect with a detector (yolov8n.yaml)"
+            )
         unbuilt = [v for v in self.train.variants if v != "real" and v not in self.datasets.variants]
         if unbuilt:
             raise ValueError(

@@ -5,20 +5,23 @@ Two methods (params `prelabel.method`):
   (`attention/<stem>.npz`) are refined by the self-attention raised to `self_exponent`,
   normalised per class, resized to the image and thresholded into a mask (0 background,
   c+1 class c, 255 ignore between `low` and `high`); each connected region of a class of at
-  least `min_box_area` pixels becomes a box scored by its mean class score. Thresholds are
-  applied here, so tuning them never regenerates images.
-- detector: the detector trained on the real seeds labels the images above `conf`.
+  least `min_box_area` pixels becomes a box scored by its mean class score, with the region's
+  outline through its border pixels (ignore pixels are outside every outline). Thresholds
+  are applied here, so tuning them never regenerates images.
+- detector: the detector trained on the real seeds labels the images above `conf` (a
+  segmentation detector, for `task: segment`, gives outlines too).
 
-Writes `labels/<stem>.txt` (5-column YOLO, empty = nothing found, one per image), `masks/<stem>.png`
-(attention only) and `manifest.csv` (file, method, boxes, scores as a JSON list in label order):
-the format both the datasets stage and Label Studio pre-annotations read.
+Writes `labels/<stem>.txt` (YOLO boxes, or outlines for `task: segment`; empty = nothing found;
+one per image), `masks/<stem>.png` (attention only) and `manifest.csv` (file, method, boxes,
+scores as a JSON list in label order): the format both the datasets stage and Label Studio
+pre-annotations read.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +70,8 @@ def scores_to_mask(scores: np.ndarray, low: float, high: float) -> np.ndarray:
 def mask_to_boxes(
     mask: np.ndarray, scores: np.ndarray, names: Sequence[str], min_area: int
 ) -> tuple[list[Box], list[float]]:
-    """Each 8-connected region of a class with at least `min_area` pixels -> its bounding box,
-    scored by the mean class score over the region."""
+    """Each 8-connected region of a class with at least `min_area` pixels -> its bounding box and
+    outline, scored by the mean class score over the region."""
     import cv2
 
     boxes, box_scores = [], []
@@ -80,9 +83,24 @@ def mask_to_boxes(
             x, y, w, h, area = stats[k]
             if area < min_area:
                 continue
-            boxes.append(Box(name, float(x), float(y), float(x + w), float(y + h)))
-            box_scores.append(round(float(scores[c][regions == k].mean()), 4))
+            region = regions == k
+            box = Box(name, float(x), float(y), float(x + w), float(y + h))
+            boxes.append(replace(box, polygon=region_outline(region, box)))
+            box_scores.append(round(float(scores[c][region].mean()), 4))
     return boxes, box_scores
+
+
+def region_outline(region: np.ndarray, box: Box) -> tuple[tuple[float, float], ...]:
+    """The outer boundary of a connected region, through the centres of its border pixels; a
+    region too thin to enclose an area is outlined by its box."""
+    import cv2
+
+    contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    points = max(contours, key=len).reshape(-1, 2)
+    if len(points) < 3:
+        return box.corners
+    # Contours run through pixel indices; pixel k spans [k, k + 1), its centre is k + 0.5.
+    return tuple((float(x) + 0.5, float(y) + 0.5) for x, y in points)
 
 
 def attention_labels(
@@ -125,14 +143,27 @@ def detect(
         xyxy = result.boxes.xyxy.cpu().numpy()
         classes = result.boxes.cls.cpu().numpy().astype(int)
         confidences = result.boxes.conf.cpu().numpy()
+        # A segmentation model (task: segment) also gives each object's outline.
+        outlines = result.masks.xy if result.masks is not None else [None] * len(xyxy)
         order = np.argsort(-confidences, kind="stable")
         found.append(
             Labels(
-                tuple(Box(names[classes[i]], *map(float, xyxy[i])) for i in order),
+                tuple(detected_object(names[classes[i]], xyxy[i], outlines[i]) for i in order),
                 tuple(round(float(confidences[i]), 4) for i in order),
             )
         )
     return found
+
+
+def detected_object(name: str, xyxy: np.ndarray, outline: np.ndarray | None) -> Box:
+    """A detection as a label; a segmentation model's with its outline (the box's own outline
+    when the mask is too small to trace at the model's mask resolution)."""
+    box = Box(name, *map(float, xyxy))
+    if outline is None:
+        return box
+    if len(outline) < 3:
+        return replace(box, polygon=box.corners)
+    return replace(box, polygon=tuple((float(x), float(y)) for x, y in outline))
 
 
 def write_labels(
@@ -142,6 +173,7 @@ def write_labels(
     sizes: Sequence[tuple[int, int]],
     names: Sequence[str],
     method: str,
+    task: str = "detect",
 ) -> None:
     """The prelabels folder: labels/, masks/ (when any), manifest.csv; replaced whole."""
     from PIL import Image
@@ -149,7 +181,7 @@ def write_labels(
     rows = []
     with fsio.replace_dir(out) as scratch:
         for stem, found, (width, height) in zip(stems, labels, sizes, strict=True):
-            lines = [yolo_line(box, names.index(box.label), width, height) for box in found.boxes]
+            lines = [yolo_line(box, names.index(box.label), width, height, task) for box in found.boxes]
             fsio.write_text(scratch / "labels" / f"{stem}.txt", "".join(f"{line}\n" for line in lines))
             if found.mask is not None:
                 fsio.write_png(scratch / "masks" / f"{stem}.png", Image.fromarray(found.mask))
@@ -194,4 +226,4 @@ def main(params_path: Path, subject: str, generated: Path, weights: Path, out: P
                 )
             with np.load(maps_path) as maps:
                 labels.append(attention_labels(dict(maps), size, params.classes, settings))
-    write_labels(out, stems, labels, sizes, params.classes, settings.method)
+    write_labels(out, stems, labels, sizes, params.classes, settings.method, params.task)

@@ -19,7 +19,17 @@ from pathlib import Path
 from genfusion import fsio
 from genfusion.errors import GenfusionError
 
-METRICS = (("map", "AP@0.5:0.95"), ("map50", "AP50"), ("map75", "AP75"))
+BOX_METRICS = (("map", "AP@0.5:0.95"), ("map50", "AP50"), ("map75", "AP75"))
+# Segmentation models (task: segment) are also scored on their masks.
+MASK_METRICS = (("mask_map", "mask AP@0.5:0.95"), ("mask_map50", "mask AP50"), ("mask_map75", "mask AP75"))
+
+
+def metrics_of(records: Sequence[dict]) -> tuple[tuple[str, str], ...]:
+    """The report's columns: box AP, and mask AP when every evaluation has it."""
+    masks = bool(records) and all(MASK_METRICS[0][0] in r for r in records)
+    return BOX_METRICS + MASK_METRICS * masks
+
+
 BASELINE = "real"
 
 
@@ -39,6 +49,7 @@ def load_evaluations(eval_dir: Path, variants: Sequence[str], seeds: Sequence[in
 
 def summarise(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
     """{variant: {model: row}} with mean, std and the difference to the baseline variant."""
+    metrics = metrics_of(records)
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for record in records:
         groups[(record["variant"], record["model"])].append(record)
@@ -49,7 +60,7 @@ def summarise(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
             "train_images": runs[0]["train_images"],
             "synthetic_images": runs[0]["synthetic_images"],
         }
-        for key, _ in METRICS:
+        for key, _ in metrics:
             values = [r[key] for r in runs]
             row[f"{key}_mean"] = statistics.fmean(values)
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -57,18 +68,20 @@ def summarise(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
     for models in summary.values():
         for model, row in models.items():
             base = summary.get(BASELINE, {}).get(model)
-            for key, _ in METRICS:
+            for key, _ in metrics:
                 row[f"{key}_delta"] = row[f"{key}_mean"] - base[f"{key}_mean"] if base else None
     return dict(summary)
 
 
 def markdown_table(summary: dict[str, dict[str, dict]]) -> str:
-    header = ["variant", "model", "seeds", "train images", *(label for _, label in METRICS)]
+    rows = [row for models in summary.values() for row in models.values()]
+    metrics = [(key, label) for key, label in BOX_METRICS + MASK_METRICS if f"{key}_mean" in rows[0]]
+    header = ["variant", "model", "seeds", "train images", *(label for _, label in metrics)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant, models in summary.items():
         for model, row in models.items():
             cells = [variant, model, str(row["seeds"]), str(row["train_images"])]
-            for key, _ in METRICS:
+            for key, _ in metrics:
                 cell = f"{row[f'{key}_mean']:.3f} ± {row[f'{key}_std']:.3f}"
                 delta = row[f"{key}_delta"]
                 if variant != BASELINE and delta is not None:

@@ -13,7 +13,7 @@ import io
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -53,9 +53,9 @@ class Tile:
 
 
 def check_scene(
-    item: LabelledImage, class_map: dict[str, str], min_box_size: float, counts: Counter
+    item: LabelledImage, class_map: dict[str, str], min_box_size: float, counts: Counter, task: str = "detect"
 ) -> Scene:
-    """Validate one annotated image against its pixels (header only) and the class map."""
+    """Validate one annotated image against its pixels (header only), the class map and the task."""
     where = item.source or item.image
     header = read_header(item.image)
     width, height = header.size
@@ -78,8 +78,14 @@ def check_scene(
                 f"{where}: class {box.label!r} is not in seeds.class_map (known: {known});"
                 " map it to a project class in params.yaml"
             )
+        if task == "segment" and not box.polygon:
+            raise GenfusionError(
+                f"{where}: a {box.label!r} object in {item.image.name} has a box but no outline;"
+                " task: segment needs every object's outline (COCO segmentation polygons, Label"
+                " Studio polygons or YOLO segment lines)"
+            )
         counts["read"] += 1
-        inside = box.intersect(0, 0, width, height)
+        inside = box.clip(0, 0, width, height)
         if box.area == 0 or inside.area == 0:
             counts["dropped_zero_area"] += 1
             continue
@@ -88,7 +94,7 @@ def check_scene(
         if min(inside.width, inside.height) < min_box_size:
             counts["dropped_small"] += 1
             continue
-        kept.append(Box(class_map[box.label], inside.x0, inside.y0, inside.x1, inside.y1))
+        kept.append(replace(inside, label=class_map[box.label]))
     return Scene(item.image.stem, item.image, (width, height), tuple(kept))
 
 
@@ -144,7 +150,9 @@ def dataset_yaml(classes: Sequence[str]) -> str:
     )
 
 
-def write_dataset(out: Path, splits: dict[str, list[Tile]], classes: Sequence[str], counts: Counter) -> None:
+def write_dataset(
+    out: Path, splits: dict[str, list[Tile]], classes: Sequence[str], counts: Counter, task: str = "detect"
+) -> None:
     """Write images, labels, manifest and dataset yaml; `out` appears only when complete."""
     manifest = io.StringIO()
     rows = csv.writer(manifest, lineterminator="\n")
@@ -165,7 +173,7 @@ def write_dataset(out: Path, splits: dict[str, list[Tile]], classes: Sequence[st
             for split, tile in split_tiles_:
                 w = tile.window
                 pixels.crop((w.x0, w.y0, w.x1, w.y1)).save(tmp / "images" / split / f"{tile.name}.png")
-                lines = [yolo_line(b, classes.index(b.label), w.width, w.height) for b in tile.boxes]
+                lines = [yolo_line(b, classes.index(b.label), w.width, w.height, task) for b in tile.boxes]
                 (tmp / "labels" / split / f"{tile.name}.txt").write_text("".join(f"{x}\n" for x in lines))
                 counts["written"] += len(tile.boxes)
         for split in SPLITS:
@@ -210,14 +218,21 @@ def import_report(scenes: Sequence[Scene], splits: dict[str, list[Tile]], counts
     }
 
 
-def run_seeds(items: Sequence[LabelledImage], params: SeedsParams, classes: Sequence[str], out: Path) -> dict:
-    """The stage's core: annotated images in, `out` dataset written, report returned."""
+def run_seeds(
+    items: Sequence[LabelledImage],
+    params: SeedsParams,
+    classes: Sequence[str],
+    out: Path,
+    task: str = "detect",
+) -> dict:
+    """The stage's core: annotated images in, `out` dataset written (box or outline labels, as
+    `task` says), report returned."""
     counts: Counter = Counter()
-    scenes = [check_scene(item, params.class_map, params.min_box_size, counts) for item in items]
+    scenes = [check_scene(item, params.class_map, params.min_box_size, counts, task) for item in items]
     check_tile_size(scenes, params.tile_size)
     tiles = plan_tiles(scenes, params, counts)
     splits = split_tiles(tiles, params)
-    write_dataset(out, splits, classes, counts)
+    write_dataset(out, splits, classes, counts, task)
     report = import_report(scenes, splits, counts)
     log.info(
         "seeds: %d scenes -> %s tiles (train/val/test), %d boxes written, %d clipped, %d dropped",
@@ -237,5 +252,5 @@ def main(params_path: Path, out: Path, report_path: Path) -> None:
 
     params = load_params(params_path)
     items = read_annotations(params.seeds.source, params.seeds.format)
-    report = run_seeds(items, params.seeds, params.classes, out)
+    report = run_seeds(items, params.seeds, params.classes, out, params.task)
     fsio.write_json(report_path, report)

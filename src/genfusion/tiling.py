@@ -1,4 +1,4 @@
-"""Pure geometry of the seeds stage: tile windows, boxes cut by tiles, splits, EXIF frames."""
+"""Pure geometry of the seeds stage: tile windows, boxes (and outlines) cut by tiles, splits, EXIF frames."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from genfusion.annotations import Box
+from genfusion.annotations import Box, polygon_box
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def boxes_in_window(
     kept: list[Box] = []
     cut = dropped = 0
     for box in boxes:
-        inside = box.intersect(window.x0, window.y0, window.x1, window.y1)
+        inside = box.clip(window.x0, window.y0, window.x1, window.y1)
         if inside.area == 0:
             continue  # not in this window at all
         if inside.area < box.area * min_visibility or min(inside.width, inside.height) < min_box_size:
@@ -121,6 +121,8 @@ def exif_point(x: float, y: float, width: int, height: int, orientation: int) ->
 
 
 def exif_box(box: Box, width: int, height: int, orientation: int) -> Box:
+    if box.polygon:
+        return polygon_box(box.label, [exif_point(x, y, width, height, orientation) for x, y in box.polygon])
     ax, ay = exif_point(box.x0, box.y0, width, height, orientation)
     bx, by = exif_point(box.x1, box.y1, width, height, orientation)
     return Box(box.label, min(ax, bx), min(ay, by), max(ax, bx), max(ay, by))

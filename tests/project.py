@@ -1,0 +1,54 @@
+"""A copy of the project in a fresh git repo, as a clean clone has it, for tests that run DVC."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# Pipeline outputs a developer's working tree may hold; a clean clone has none of them.
+OUTPUTS = ("data/real/", "data/datasets/", "models/", "metrics/", "reports/")
+
+
+def run(repo: Path, *args: str) -> str:
+    """Run a command in `repo` with this venv's tools first on PATH; fail the test on an error."""
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def commit(repo: Path, message: str) -> None:
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+
+
+def project_repo(dest: Path, params: dict[str, dict]) -> Path:
+    """The project's files (no outputs, no dvc.lock) in a new git repo at `dest`, with the
+    top-level params.yaml sections updated by `params`; committed."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in listed:
+        if (ROOT / name).is_file() and not name.startswith(OUTPUTS) and name != "dvc.lock":
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    values = yaml.safe_load((dest / "params.yaml").read_text())
+    for section, update in params.items():
+        if isinstance(update, dict):
+            values[section].update(update)
+        else:
+            values[section] = update
+    (dest / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    run(dest, "git", "init", "-q", "-b", "main")
+    commit(dest, "init")
+    return dest
