@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 from project import ROOT, project_repo, run
 
-from genfusion import prelabel
+from genfusion import label_quality, prelabel
 from genfusion.annotations import Box, clip_polygon, parse_yolo_line, polygon_box, yolo_line
 from genfusion.errors import GenfusionError
 from genfusion.formats import read_annotations
@@ -175,6 +175,34 @@ def test_attention_outlines_hold_the_class_pixels_and_none_of_the_ignore_band(tm
     prelabel.write_labels(tmp_path / "pre", ["a"], [found], [(40, 40)], ["tree"], "attention", "segment")
     [line] = (tmp_path / "pre" / "labels" / "a.txt").read_text().splitlines()
     np.testing.assert_allclose(parse_yolo_line(line, ["tree"], 40, 40).polygon, box.polygon, atol=40 * 1e-6)
+
+
+def test_label_quality_scores_outlines_by_mask_iou(tmp_path: Path) -> None:
+    (tmp_path / "generated" / "images").mkdir(parents=True)
+    Image.new("RGB", (20, 20)).save(tmp_path / "generated" / "images" / "a.png")
+    # Outlines through the centres of border pixels: 10 x 10 px automatic, 10 x 5 px by people.
+    auto = polygon_box("tree", [(0.5, 0.5), (9.5, 0.5), (9.5, 9.5), (0.5, 9.5)])
+    people = polygon_box("tree", [(0.5, 0.5), (9.5, 0.5), (9.5, 4.5), (0.5, 4.5)])
+    prelabel.write_labels(
+        tmp_path / "pre",
+        ["a"],
+        [prelabel.Labels((auto,), (0.9,))],
+        [(20, 20)],
+        ["tree"],
+        "detector",
+        "segment",
+    )
+    (tmp_path / "people" / "labels").mkdir(parents=True)
+    (tmp_path / "people" / "labels" / "a.txt").write_text(yolo_line(people, 0, 20, 20, "segment") + "\n")
+    quality = label_quality.subject_quality(
+        tmp_path / "pre", tmp_path / "people", tmp_path / "generated", ["tree"], "segment"
+    )
+    assert quality["mask_iou"] == pytest.approx(50 / 100)
+    assert quality["true_positives"] == 0  # the boxes (outline bounds, 9 x 9 and 9 x 4 px) overlap 4/9 < 0.5
+    detect = label_quality.subject_quality(
+        tmp_path / "pre", tmp_path / "people", tmp_path / "generated", ["tree"]
+    )
+    assert "mask_iou" not in detect
 
 
 @pytest.mark.integration

@@ -2,7 +2,8 @@
 
 Per subject, where people finished images (`data/annotations/<subject>/labels/`): precision and
 recall at IoU 0.5 of the automatic labels against people's boxes (greedy matching, highest
-score first, per class), and mask IoU where both sides have masks. And the detector
+score first, per class), and mask IoU where both sides have masks (an attention mask, or for
+`task: segment` the labels' outlines drawn into one). And the detector
 pre-labeller (the `real` detector at `prelabel.conf`) scored the same way on the real val split.
 """
 
@@ -74,9 +75,33 @@ def mask_iou(auto: np.ndarray, people: np.ndarray, classes: int) -> float:
     return float(np.mean(ious)) if ious else 1.0
 
 
-def subject_quality(prelabels: Path, annotations: Path, generated: Path, names: list[str]) -> dict:
-    """Automatic labels of one subject against the images people finished."""
+def outline_mask(boxes: Sequence[Box], names: Sequence[str], size: tuple[int, int]) -> np.ndarray:
+    """Outlines drawn into a class mask (0 background, c+1 class c) of `size` (width, height):
+    the pixels an outline covers or touches, at 1/16 px precision."""
+    import cv2
+
+    mask = np.zeros(size[::-1], dtype=np.uint8)
+    for box in boxes:
+        # Pixel k spans [k, k + 1): its centre k + 0.5 is where cv2 puts index k.
+        points = np.round((np.asarray(box.polygon) - 0.5) * 16).astype(np.int32)
+        cv2.fillPoly(mask, [points], names.index(box.label) + 1, shift=4)
+    return mask
+
+
+def label_mask(masks: Path, boxes: Sequence[Box], names: Sequence[str], size: tuple[int, int], task: str):
+    """A labelled image's class mask: the saved mask, or for the segment task its outlines; None
+    when it has neither."""
     from PIL import Image
+
+    if masks.is_file():
+        return np.asarray(Image.open(masks))
+    return outline_mask(boxes, names, size) if task == "segment" else None
+
+
+def subject_quality(
+    prelabels: Path, annotations: Path, generated: Path, names: list[str], task: str = "detect"
+) -> dict:
+    """Automatic labels of one subject against the images people finished."""
 
     people = sorted((annotations / "labels").glob("*.txt"))
     if not people:
@@ -97,11 +122,10 @@ def subject_quality(prelabels: Path, annotations: Path, generated: Path, names: 
         tp += match(auto, scores, truth)
         predictions += len(auto)
         truths += len(truth)
-        auto_mask, people_mask = prelabels / "masks" / f"{stem}.png", annotations / "masks" / f"{stem}.png"
-        if auto_mask.is_file() and people_mask.is_file():
-            mask_scores.append(
-                mask_iou(np.asarray(Image.open(auto_mask)), np.asarray(Image.open(people_mask)), len(names))
-            )
+        auto_mask = label_mask(prelabels / "masks" / f"{stem}.png", auto, names, size, task)
+        people_mask = label_mask(annotations / "masks" / f"{stem}.png", truth, names, size, task)
+        if auto_mask is not None and people_mask is not None:
+            mask_scores.append(mask_iou(auto_mask, people_mask, len(names)))
     result = {"annotated": len(people), **counts_to_metrics(tp, predictions, truths)}
     if mask_scores:
         result["mask_iou"] = float(np.mean(mask_scores))
@@ -148,7 +172,9 @@ def main(
     report: dict = {
         "method": params.prelabel.method,
         "subjects": {
-            name: subject_quality(prelabels / name, annotations / name, generated / name, params.classes)
+            name: subject_quality(
+                prelabels / name, annotations / name, generated / name, params.classes, params.task
+            )
             for name in params.subjects
         },
     }
