@@ -136,6 +136,11 @@ def test_metrics_and_plots_compare_across_branches(repo: Path) -> None:
     assert {"map", "map50", "map75"} <= set(diff["metrics/eval/real-0.json"])
     tiles = diff["metrics/import.json"]["tiles.train"]
     assert tiles["new"] == tiles["old"]
+    plots = json.loads(run(repo, "dvc", "plots", "diff", "main", "--json"))
+    assert not plots.get("errors"), plots["errors"]
+    names = set(plots["data"])
+    assert {"metrics/pr/real-0.csv", "reports/pr_curves.png", "reports/detections.png"} <= names
+    assert any(name.startswith("metrics/train/real-0/plots/") for name in names)
+    assert any(name.startswith("metrics/finetune/canopy/plots/") for name in names)
     run(repo, "dvc", "plots", "diff", "main", "-o", "plots-out")
-    html = (repo / "plots-out" / "index.html").read_text()
-    assert "metrics/pr" in html or "Precision-recall" in html
+    assert "metrics/pr/real-0.csv" in (repo / "plots-out" / "index.html").read_text()
