@@ -289,6 +289,53 @@ def label_quality(
     main(params_path, prelabels, annotations, generated, real, weights, out)
 
 
+annotate_app = typer.Typer(
+    help="People's labels in Label Studio: serve it, push tasks with the automatic labels, pull the results.",
+    no_args_is_help=True,
+)
+app.add_typer(annotate_app, name="annotate")
+SubjectOpt = Annotated[
+    str, typer.Option("--subject", help="Subject (params subjects) whose images to label.")
+]
+
+
+@annotate_app.command("serve")
+def annotate_serve(
+    port: Annotated[int | None, typer.Option(help="Port on 127.0.0.1 (default: annotate.url's).")] = None,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Install (first time) and run Label Studio on 127.0.0.1 (account and token: environment or .env)."""
+    from genfusion.annotate import serve_main
+
+    serve_main(params_path, port)
+
+
+@annotate_app.command("push")
+def annotate_push(
+    subject: SubjectOpt,
+    generated: GeneratedOpt = Path("data/generated"),
+    prelabels: PrelabelsOpt = Path("data/prelabels"),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Create or update the subject's project; add a task per new image, automatic labels as predictions."""
+    from genfusion.annotate import push_main
+
+    push_main(params_path, subject, generated, prelabels)
+
+
+@annotate_app.command("pull")
+def annotate_pull(
+    subject: SubjectOpt,
+    generated: GeneratedOpt = Path("data/generated"),
+    annotations: AnnotationsOpt = Path("data/annotations"),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Write people's labels to data/annotations/<subject>/ and `dvc add` it; print what changed."""
+    from genfusion.annotate import pull_main
+
+    pull_main(params_path, subject, generated, annotations)
+
+
 def main() -> None:
     try:
         app(standalone_mode=True)

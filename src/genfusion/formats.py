@@ -481,14 +481,20 @@ def _read_label_studio(source: Path) -> list[LabelledImage]:
             f"{path}: not a Label Studio JSON export: expected a list of tasks,"
             f" got a JSON {type(tasks).__name__}"
         )
-    items = (_read_ls_task(task, index, path) for index, task in enumerate(tasks))
+    items = (
+        read_label_studio_task(task, index, str(path), path.parent, path) for index, task in enumerate(tasks)
+    )
     return [item for item in items if item is not None]
 
 
-def _read_ls_task(task: Any, index: int, path: Path) -> LabelledImage | None:
-    """One task's latest annotation that was not cancelled; None when it has no such annotation."""
+def read_label_studio_task(
+    task: Any, index: int, source: str, root: Path, origin: Path | None = None
+) -> LabelledImage | None:
+    """One exported task's latest annotation that was not cancelled (None when it has none),
+    its image found under `root`; `source` names the export in messages, `origin` is recorded
+    as the labels' file."""
     task_id = task.get("id", f"at index {index}") if isinstance(task, dict) else f"at index {index}"
-    where = f"{path}: task {task_id}"
+    where = f"{source}: task {task_id}"
     annotations = _get_list(task, "annotations", where)
     kept = [a for a in annotations if isinstance(a, dict) and not a.get("was_cancelled")]
     if not kept:
@@ -497,7 +503,7 @@ def _read_ls_task(task: Any, index: int, path: Path) -> LabelledImage | None:
     latest = max(
         kept, key=lambda a: (str(a.get("updated_at") or ""), a["id"] if isinstance(a.get("id"), int) else -1)
     )
-    image = _ls_image(str(_get(_get(task, "data", where), "image", f"{where}: data")), path.parent, where)
+    image = _ls_image(str(_get(_get(task, "data", where), "image", f"{where}: data")), root, where)
     boxes, size = [], None
     for number, result in enumerate(_get_list(latest, "result", f"{where}: annotation {latest.get('id')}")):
         kind = result.get("type") if isinstance(result, dict) else None
@@ -506,7 +512,7 @@ def _read_ls_task(task: Any, index: int, path: Path) -> LabelledImage | None:
             box, box_size = read(result, f"{where}: annotation {latest.get('id')}: result {number}")
             boxes.append(box)
             size = size or box_size
-    return LabelledImage(image, tuple(boxes), size, path)
+    return LabelledImage(image, tuple(boxes), size, origin)
 
 
 def _ls_size(result: dict, where: str) -> tuple[float, float]:

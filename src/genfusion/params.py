@@ -242,6 +242,20 @@ class PrelabelParams(Section):
         return self
 
 
+class AnnotateParams(Section):
+    url: str = "http://127.0.0.1:8080"
+    home: str = ".labelstudio"
+    project: Annotated[str, Field(min_length=1)] = "genfusion {subject}"
+    document_root: str | None = None
+
+    @field_validator("project")
+    @classmethod
+    def _names_the_subject(cls, v: str) -> str:
+        if "{subject}" not in v:
+            raise ValueError(f"must contain {{subject}} (one project per subject), got {v!r}")
+        return v
+
+
 class Params(Section):
     classes: list[str]
     task: Literal["detect", "segment"] = "detect"
@@ -257,6 +271,7 @@ class Params(Section):
     finetune: FinetuneParams = FinetuneParams()
     subjects: dict[str, SubjectParams] = {}
     prelabel: PrelabelParams = PrelabelParams()
+    annotate: AnnotateParams = AnnotateParams()
 
     @model_validator(mode="after")
     def _classes_known(self) -> Params:

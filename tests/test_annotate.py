@@ -1,0 +1,284 @@
+"""`genfusion annotate`: a real Label Studio server on loopback, pushed to, annotated through its
+REST API as a person would, and pulled back into a git + DVC project; the conversions and the
+bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from PIL import Image
+from project import ROOT, commit, run
+
+from genfusion import annotate, prelabel
+from genfusion.annotations import Box, parse_yolo_line, polygon_box
+from genfusion.errors import GenfusionError
+from genfusion.formats import read_label_studio_task
+
+CLASSES = ["tree"]
+SIZE = (64, 48)
+STEMS = ("canopy_00000", "canopy_00001", "canopy_00002")
+
+
+def test_label_config_offers_the_params_classes_with_the_task_tool() -> None:
+    assert '<RectangleLabels name="label" toName="image"><Label value="tree"/><Label value="a&quot;b"/>' in (
+        annotate.label_config(["tree", 'a"b'], "detect")
+    )
+    assert "<PolygonLabels" in annotate.label_config(["tree"], "segment")
+
+
+@pytest.mark.parametrize("task", ["detect", "segment"])
+def test_a_result_reads_back_as_the_same_object(tmp_path: Path, task: str) -> None:
+    Image.new("RGB", SIZE).save(tmp_path / "a.png")
+    box = polygon_box("tree", [(3.5, 4.25), (40.0, 8.0), (12.0, 47.0)])
+    if task == "detect":
+        box = Box("tree", 3.5, 4.25, 40.0, 47.0)
+    exported = {"id": 1, "data": {"image": "/data/local-files/?d=x/a.png"}, "annotations": [{"id": 1}]}
+    exported["annotations"][0]["result"] = [annotate.ls_result(box, SIZE, task)]
+    item = read_label_studio_task(exported, 0, "export", tmp_path)
+    [back] = item.boxes
+    assert back.label == "tree" and len(back.polygon) == len(box.polygon)
+    for point, expected in zip(back.polygon, box.polygon, strict=True):
+        assert point == pytest.approx(expected)
+    assert (back.x0, back.y0, back.x1, back.y1) == pytest.approx((box.x0, box.y0, box.x1, box.y1))
+
+
+@pytest.mark.parametrize(
+    ("image", "problem"),
+    [
+        ("/data/local-files/?d=../../etc/passwd", "climbs out with '..'"),
+        ("/etc/passwd", "is an absolute path"),
+        ("https://elsewhere.example.org/x.png", "is a URL on another host"),
+    ],
+)
+def test_an_export_naming_files_outside_the_images_folder_is_refused(
+    tmp_path: Path, image: str, problem: str
+) -> None:
+    tasks = [{"id": 9, "data": {"image": image}, "annotations": [{"id": 1, "result": []}]}]
+    with pytest.raises(GenfusionError, match=f"export: task 9: image .* {problem}"):
+        annotate.read_export(tasks, "export", tmp_path, CLASSES, "detect")
+
+
+def test_credentials_come_from_the_environment_before_the_env_file(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / ".env").write_text("LABEL_STUDIO_API_KEY=from-file\nLABEL_STUDIO_URL=http://file:1\n")
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "from-env")
+    found = annotate.credentials(tmp_path / ".env")
+    assert found["LABEL_STUDIO_API_KEY"] == "from-env" and found["LABEL_STUDIO_URL"] == "http://file:1"
+
+
+def test_serving_without_an_account_says_which_variables_to_set(tmp_path: Path) -> None:
+    with pytest.raises(GenfusionError, match="set LABEL_STUDIO_USERNAME, LABEL_STUDIO_PASSWORD"):
+        annotate.server_env(tmp_path, tmp_path, {annotate.TOKEN_VAR: "t"})
+
+
+# --- against a real server --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A git + DVC project with generated images and their automatic labels, served by a real
+    Label Studio (installed once into the git-ignored .labelstudio/venv of this checkout)."""
+    try:
+        exe = annotate.server_executable(ROOT / ".labelstudio")
+    except GenfusionError as exc:
+        pytest.skip(f"Label Studio cannot be installed here: {exc}")
+    root = tmp_path_factory.mktemp("annotate-project")
+    images = root / "data/generated/canopy/images"
+    images.mkdir(parents=True)
+    for k, stem in enumerate(STEMS):
+        Image.new("RGB", SIZE, (20 * k, 120, 40)).save(images / f"{stem}.png")
+    found = [
+        prelabel.Labels((Box("tree", 4, 6, 20, 22), Box("tree", 30, 10, 50, 30)), (0.8, 0.4)),
+        prelabel.Labels((Box("tree", 10, 10, 30, 30),), (0.6,)),
+        prelabel.Labels((), ()),
+    ]
+    prelabel.write_labels(root / "data/prelabels/canopy", STEMS, found, [SIZE] * 3, CLASSES, "detector")
+    (root / "data/annotations").mkdir(parents=True)
+    (root / "data/annotations/README.md").write_text("people's labels\n")
+    port = free_port()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["annotate"]["url"] = f"http://127.0.0.1:{port}"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    # A stage that reads the annotations, as the datasets stage does.
+    stage = {
+        "cmd": "ls -R data/annotations > listing.txt",
+        "deps": ["data/annotations"],
+        "outs": ["listing.txt"],
+    }
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"listing": stage}}))
+    run(root, "git", "init", "-q", "-b", "main")
+    run(root, "dvc", "init", "-q")
+    commit(root, "init")
+
+    token = secrets.token_hex(20)
+    account = {annotate.USER_VAR: "annotator@example.org", annotate.PASSWORD_VAR: secrets.token_hex(8)}
+    env = annotate.server_env(tmp_path_factory.mktemp("ls-home"), root, account | {annotate.TOKEN_VAR: token})
+    log = root.parent / "label-studio.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            annotate.server_command(exe, port),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, f"Label Studio exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"Label Studio not up after 300 s:\n{log.read_text()[-3000:]}"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        os.environ[annotate.TOKEN_VAR] = token
+        yield root
+    finally:
+        os.environ.pop(annotate.TOKEN_VAR, None)
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def api(root: Path) -> annotate.LabelStudio:
+    url = yaml.safe_load((root / "params.yaml").read_text())["annotate"]["url"]
+    return annotate.LabelStudio(url, os.environ[annotate.TOKEN_VAR])
+
+
+def tasks_by_key(server: annotate.LabelStudio, project: int) -> dict[str, dict]:
+    found = server.call("GET", "/api/tasks", params={"project": project, "page_size": 100, "fields": "all"})
+    return {t["data"][annotate.KEY]: t for t in found["tasks"]}
+
+
+def push(root: Path, monkeypatch) -> dict:
+    monkeypatch.chdir(root)
+    return annotate.push_main(
+        root / "params.yaml", "canopy", root / "data/generated", root / "data/prelabels"
+    )
+
+
+def pull(root: Path, monkeypatch) -> dict:
+    monkeypatch.chdir(root)
+    return annotate.pull_main(
+        root / "params.yaml", "canopy", root / "data/generated", root / "data/annotations"
+    )
+
+
+def labels(root: Path, stem: str) -> list[Box]:
+    text = (root / "data/annotations/canopy/labels" / f"{stem}.txt").read_text()
+    return [parse_yolo_line(line, CLASSES, *SIZE) for line in text.splitlines()]
+
+
+def corners(box: Box) -> tuple[float, ...]:
+    return box.x0, box.y0, box.x1, box.y1
+
+
+@pytest.mark.integration
+def test_push_pull_round_trip_through_a_real_server(project: Path, monkeypatch) -> None:
+    root = project
+    summary = push(root, monkeypatch)
+    assert summary["images"] == 3 and summary["added"] == 3
+    server = api(root)
+    tasks = tasks_by_key(server, summary["project"])
+    assert sorted(tasks) == [f"canopy/{stem}.png" for stem in STEMS]
+    # The images are served from this folder through local-file storage.
+    image = server.session.get(server.url + tasks["canopy/canopy_00000.png"]["data"]["image"], timeout=30)
+    assert image.ok and image.content == (root / "data/generated/canopy/images/canopy_00000.png").read_bytes()
+    # A second push adds nothing.
+    assert push(root, monkeypatch)["added"] == 0
+    assert len(tasks_by_key(server, summary["project"])) == 3
+
+    # An annotator starts from the predictions: moves the first box 5 px right, deletes the
+    # second, adds one; skips the second image; leaves the third open.
+    first = tasks["canopy/canopy_00000.png"]
+    prediction = first["predictions"][0]["result"]
+    auto = annotate.read_labels(root / "data/prelabels/canopy/labels/canopy_00000.txt", CLASSES, SIZE)
+    sent = [annotate.ls_result(box, SIZE, "detect")["value"] for box in auto]
+    assert [r["value"] for r in prediction] == sent
+    moved = json.loads(json.dumps(prediction[0]))
+    moved["value"]["x"] += 5 * 100 / SIZE[0]
+    added = annotate.ls_result(Box("tree", 40, 30, 60, 45), SIZE, "detect")
+    annotation = server.call(
+        "POST",
+        f"/api/tasks/{first['id']}/annotations",
+        json={"result": [moved, added], "was_cancelled": False},
+    )
+    second = tasks["canopy/canopy_00001.png"]
+    server.call("POST", f"/api/tasks/{second['id']}/annotations", json={"result": [], "was_cancelled": True})
+
+    pulled = pull(root, monkeypatch)
+    assert (pulled["tasks"], pulled["annotated"], pulled["skipped"], pulled["open"]) == (3, 1, 1, 1)
+    assert pulled["new_labels"] == ["canopy_00000"] and not pulled["changed_labels"]
+    edited = [corners(box) for box in labels(root, "canopy_00000")]
+    assert edited == [pytest.approx((9, 6, 25, 22), abs=1e-3), pytest.approx((40, 30, 60, 45), abs=1e-3)]
+    assert sorted(p.name for p in (root / "data/annotations/canopy/labels").iterdir()) == ["canopy_00000.txt"]
+    first_version = yaml.safe_load((root / "data/annotations/canopy.dvc").read_text())["outs"][0]["md5"]
+    # The pulled folder is DVC's, and a stage that depends on data/annotations still runs.
+    run(root, "dvc", "repro")
+    assert "canopy_00000.txt" in (root / "listing.txt").read_text()
+
+    # A second round: the box moves again. The change is reported, and the first version
+    # stays in DVC's cache.
+    moved["value"]["y"] += 4 * 100 / SIZE[1]
+    server.call("PATCH", f"/api/annotations/{annotation['id']}", json={"result": [moved, added]})
+    again = pull(root, monkeypatch)
+    assert again["changed_labels"] == ["canopy_00000"] and not again["new_labels"]
+    assert corners(labels(root, "canopy_00000")[0]) == pytest.approx((9, 10, 25, 26), abs=1e-3)
+    second_version = yaml.safe_load((root / "data/annotations/canopy.dvc").read_text())["outs"][0]["md5"]
+    assert second_version != first_version
+    cached = root / ".dvc/cache/files/md5" / first_version[:2] / first_version[2:]
+    assert cached.is_file()
+
+    # A label that is not a params class names the task and the label; nothing is written.
+    third = tasks["canopy/canopy_00002.png"]
+    bush = annotate.ls_result(Box("bush", 1, 1, 9, 9), SIZE, "detect")
+    server.call(
+        "POST", f"/api/tasks/{third['id']}/annotations", json={"result": [bush], "was_cancelled": False}
+    )
+    before = (root / "data/annotations/canopy/labels/canopy_00000.txt").read_bytes()
+    with pytest.raises(
+        GenfusionError, match=rf"task {third['id']}: label 'bush' is not one of the params classes"
+    ):
+        pull(root, monkeypatch)
+    assert (root / "data/annotations/canopy/labels/canopy_00000.txt").read_bytes() == before
+    assert not (root / "data/annotations/canopy/labels/canopy_00002.txt").exists()
+
+
+@pytest.mark.integration
+def test_server_problems_are_clear_errors_and_write_nothing(project: Path, monkeypatch) -> None:
+    root = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    url = params["annotate"]["url"]
+    out = root / "data/annotations/other"
+    generated, wanted = root / "data/generated/canopy", "genfusion other"
+    wrong = annotate.LabelStudio(url, "not-the-token")
+    with pytest.raises(GenfusionError, match="refused the API token"):
+        annotate.pull(wrong, wanted, generated, out, CLASSES, "detect")
+    down = annotate.LabelStudio(f"http://127.0.0.1:{free_port()}", "t")
+    with pytest.raises(GenfusionError, match="cannot reach Label Studio at"):
+        annotate.pull(down, wanted, generated, out, CLASSES, "detect")
+    server = api(root)
+    with pytest.raises(GenfusionError, match="has no project 'genfusion other'; push first"):
+        annotate.pull(server, wanted, generated, out, CLASSES, "detect")
+    server.ensure_project(wanted, annotate.label_config(CLASSES, "detect"))
+    with pytest.raises(GenfusionError, match="project 'genfusion other' is empty"):
+        annotate.pull(server, wanted, generated, out, CLASSES, "detect")
+    assert not out.exists()
