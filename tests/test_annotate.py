@@ -7,15 +7,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 from PIL import Image
 from project import ROOT, commit, run
@@ -130,32 +126,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     token = secrets.token_hex(20)
     account = {annotate.USER_VAR: "annotator@example.org", annotate.PASSWORD_VAR: secrets.token_hex(8)}
     env = annotate.server_env(tmp_path_factory.mktemp("ls-home"), root, account | {annotate.TOKEN_VAR: token})
-    log = root.parent / "label-studio.log"
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            annotate.server_command(exe, port),
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    server = annotate.start_server(exe, port, env, root.parent / "label-studio.log")
+    os.environ[annotate.TOKEN_VAR] = token
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, f"Label Studio exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"Label Studio not up after 300 s:\n{log.read_text()[-3000:]}"
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        os.environ[annotate.TOKEN_VAR] = token
         yield root
     finally:
         os.environ.pop(annotate.TOKEN_VAR, None)
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        annotate.stop_server(server)
 
 
 def api(root: Path) -> annotate.LabelStudio:

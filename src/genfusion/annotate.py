@@ -22,9 +22,11 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -454,6 +456,42 @@ def server_env(home: Path, document_root: Path, found: Mapping[str, str]) -> dic
 
 def server_command(exe: Path, port: int) -> list[str]:
     return [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)]
+
+
+def start_server(exe: Path, port: int, env: Mapping[str, str], log_file: Path, timeout: float = 300):
+    """Start Label Studio in the background (its own process group, output to `log_file`) and
+    wait for it to answer; the running process back. For tests and benchmarks."""
+    import requests
+
+    check_port_free(port)
+    with log_file.open("w") as out:
+        server = subprocess.Popen(
+            server_command(exe, port),
+            env=dict(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None:
+            raise GenfusionError(
+                f"Label Studio exited at start; its log, {log_file}:\n{log_file.read_text()[-3000:]}"
+            )
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
+                return server
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(server)
+            raise GenfusionError(f"Label Studio did not answer within {timeout:.0f} s; see {log_file}")
+        time.sleep(1)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=60)
 
 
 def check_port_free(port: int) -> None:
