@@ -21,6 +21,7 @@ from project import ROOT
 
 from genfusion import distribution, prelabel
 from genfusion.annotations import Box
+from genfusion.errors import GenfusionError
 from genfusion.formats import read_annotations
 from genfusion.params import load_params
 from genfusion.seeds import run_seeds
@@ -261,3 +262,38 @@ def test_the_app_shows_the_dataset_in_a_real_browser(project: Path, tmp_path: Pa
         assert text in dom.stdout, text
     pixels = rgb_of(shot)
     assert pixels.std() > 10  # a rendered page, not a blank one
+
+
+def test_clip_embedding_loads_a_locally_saved_checkpoint(tmp_path: Path) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from genfusion.inspection import clip_embedder
+
+    config = CLIPConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=8,
+    )
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip"
+    )
+    embed = clip_embedder(str(tmp_path / "clip"))
+    tile = rgb_of(sorted(FIXTURE.parent.glob("*.png"))[0])
+    vector = embed(tile)
+    assert vector.shape == (8,) and np.linalg.norm(vector) == pytest.approx(1.0)
+    assert not np.allclose(vector, embed(255 - tile))
+    with pytest.raises(GenfusionError, match="inspect.clip_model: cannot load 'no/such-model'"):
+        clip_embedder("no/such-model")

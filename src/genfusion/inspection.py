@@ -275,7 +275,9 @@ def clip_embedder(model_id: str):
     def embed(rgb: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             features = model.get_image_features(**processor(images=rgb, return_tensors="pt"))
-        vector = features[0].double().numpy()
+        # transformers 5 returns the vision outputs with the projected embedding as pooler_output.
+        projected = features.pooler_output if hasattr(features, "pooler_output") else features
+        vector = projected[0].double().numpy()
         return vector / np.linalg.norm(vector)
 
     return embed
