@@ -7,7 +7,8 @@ gives images per second for `genfusion.generate.generate` (manifest, atomic PNG 
 resume checks included) and for the plain diffusers loop a user would write with the same
 model, settings, batch and image count, and the ratio ours / bare (>= 1.0 is the goal).
 `--attention` times `generate` with attention capture on (prelabel.method: attention; the
-class name appended to the prompt, maps saved per image) against the same bare loop.
+class name appended to the prompt, maps saved per image) against the same bare loop, over the
+sampling steps `--attention-steps FIRST LAST` (prelabel.steps; all of them by default).
 """
 
 from __future__ import annotations
@@ -71,7 +72,13 @@ def bare_loop(pipe, n: int, batch: int, steps: int, resolution: int, guidance: f
 
 
 def generation(
-    n: int, batch: int, steps: int, resolution: int, guidance: float, repeats: int, attention: bool
+    n: int,
+    batch: int,
+    steps: int,
+    resolution: int,
+    guidance: float,
+    repeats: int,
+    attention: tuple[float, float] | None,
 ) -> dict:
     """Median seconds of our `generate` and of the bare loop, same process, same loaded model."""
     from genfusion.base_model import save_builtin
@@ -86,34 +93,37 @@ def generation(
         use_scheduler(pipe, "ddim")
         bare_loop(pipe, 1, 1, 2, resolution, guidance, Path(tmp) / "warm-up")
         settings = {"guidance": guidance, "steps": steps, "resolution": resolution, "batch": batch}
+        plain = dict(settings)
         if attention:  # the builtin model's attention maps are resolution / 4 on a side
-            settings |= {"attention": PrelabelParams(map_size=resolution // 4), "classes": ["tree"]}
-        timings: dict[str, list[float]] = {"ours": [], "bare": []}
+            capture = PrelabelParams(map_size=resolution // 4, steps=attention)
+            settings |= {"attention": capture, "classes": ["tree"]}
+        # With capture on, `generate` without it is timed too, in the same loop: the capture's cost.
+        names = ("ours", "bare", "plain") if attention else ("ours", "bare")
+        timings: dict[str, list[float]] = {name: [] for name in names}
         for r in range(repeats):
-            # Alternate which runs first, so warm caches or a noisy neighbour favour neither.
-            for name in ("ours", "bare") if r % 2 == 0 else ("bare", "ours"):
+            # Alternate the order, so warm caches or a noisy neighbour favour none.
+            for name in names if r % 2 == 0 else names[::-1]:
                 start = time.perf_counter()
-                if name == "ours":
+                if name == "bare":
+                    bare_loop(pipe, n, batch, steps, resolution, guidance, Path(tmp) / f"bare{r}")
+                else:
                     generate(
                         pipe,
                         [PROMPT],
                         "",
                         range(n),
                         0,
-                        **settings,
-                        out_dir=Path(tmp) / f"ours{r}",
+                        **(settings if name == "ours" else plain),
+                        out_dir=Path(tmp) / f"{name}{r}",
                         subject="bench",
                         fingerprint="bench",
                     )
-                else:
-                    bare_loop(pipe, n, batch, steps, resolution, guidance, Path(tmp) / f"bare{r}")
                 timings[name].append(time.perf_counter() - start)
         start = time.perf_counter()
         bare_loop(pipe, n, 1, steps, resolution, guidance, Path(tmp) / "one-by-one")
         one_by_one = time.perf_counter() - start
     return {
-        "ours": statistics.median(timings["ours"]),
-        "bare": statistics.median(timings["bare"]),
+        **{name: statistics.median(values) for name, values in timings.items()},
         "one_by_one": one_by_one,
         "rss": peak_rss_mib(),
     }
@@ -136,6 +146,9 @@ def main() -> None:
     parser.add_argument("--pretrain-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--attention", action="store_true", help="generate with attention capture on")
+    parser.add_argument(
+        "--attention-steps", type=float, nargs=2, default=[0.0, 1.0], metavar=("FIRST", "LAST")
+    )
     args = parser.parse_args()
     if not (args.real / "images" / "train").is_dir():
         parser.error(f"{args.real}/images/train not found: run `genfusion seeds` (or `make repro`) first")
@@ -154,16 +167,19 @@ def main() -> None:
         args.resolution,
         args.guidance,
         args.repeats,
-        args.attention,
+        tuple(args.attention_steps) if args.attention else None,
     )
     n = args.images
     print(
-        f"generate (attention capture {'on' if args.attention else 'off'}) {n} images at"
+        f"generate (attention capture {f'on, steps {args.attention_steps}' if args.attention else 'off'})"
+        f" {n} images at"
         f" {args.resolution} px, {args.steps} DDIM steps, guidance {args.guidance},"
         f" batch {args.batch}: ours {n / gen['ours']:.2f} img/s, bare diffusers loop {n / gen['bare']:.2f}"
         f" img/s, ratio ours/bare {gen['bare'] / gen['ours']:.2f} (bare one image per call:"
         f" {n / gen['one_by_one']:.2f} img/s); {gen['ours'] / n:.2f} s/image; peak RSS {gen['rss']:.0f} MiB"
     )
+    if args.attention:
+        print(f"attention capture costs {gen['ours'] / gen['plain']:.2f}x the time of `generate` without it")
 
 
 if __name__ == "__main__":
