@@ -1,8 +1,8 @@
 """`report` stage: Genfusion Table-1 style summary over variants, models and seeds, and figures.
 
 Rows are (variant, model); columns AP@0.5:0.95, AP50 and AP75 as mean +- sample std
-over seeds (std is 0 for a single seed), and each mean's difference to the `real`
-variant with the same model. Figures: every variant's precision-recall curve in one chart,
+over seeds (for a single seed, std is 0 in the JSON and left out of the table), and each
+mean's difference to the `real` variant with the same model. Figures: every variant's precision-recall curve in one chart,
 AP50 against the number of synthetic train images, and each variant's detections on real
 test tiles.
 """
@@ -82,7 +82,9 @@ def markdown_table(summary: dict[str, dict[str, dict]]) -> str:
         for model, row in models.items():
             cells = [variant, model, str(row["seeds"]), str(row["train_images"])]
             for key, _ in metrics:
-                cell = f"{row[f'{key}_mean']:.3f} ± {row[f'{key}_std']:.3f}"
+                cell = f"{row[f'{key}_mean']:.3f}"
+                if row["seeds"] > 1:  # one seed has no spread to show
+                    cell += f" ± {row[f'{key}_std']:.3f}"
                 delta = row[f"{key}_delta"]
                 if variant != BASELINE and delta is not None:
                     cell += f" ({delta:+.3f})"
