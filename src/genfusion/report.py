@@ -2,9 +2,9 @@
 
 Rows are (variant, model); columns AP@0.5:0.95, AP50 and AP75 as mean +- sample std
 over seeds (for a single seed, std is 0 in the JSON and left out of the table), and each
-mean's difference to the `real` variant with the same model. Figures: every variant's precision-recall curve in one chart,
-AP50 against the number of synthetic train images, and each variant's detections on real
-test tiles.
+mean's difference to the `real` variant with the same model. Figures: every variant's
+precision-recall curve in one chart, AP50 against the number of synthetic train images, and
+each variant's detections on real test tiles.
 """
 
 from __future__ import annotations
