@@ -39,8 +39,9 @@ def timed(call) -> tuple[float, object]:
 def main() -> None:
     from PIL import Image
 
-    from genfusion import annotate, prelabel
-    from genfusion.annotations import Box
+    from genfusion.boxes import Box
+    from genfusion.commands import annotate
+    from genfusion.stages import prelabel
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=1000)

@@ -34,8 +34,8 @@ def peak_rss_mib() -> float:
 
 def pretrain(real: Path, steps: int, resolution: int, batch: int) -> dict:
     """Autoencoder and UNet pretraining steps per second of the builtin tiny model."""
-    from genfusion.base_model import load_train_tiles, pretrain_tiny
     from genfusion.params import DiffusionParams
+    from genfusion.stages.base_model import load_train_tiles, pretrain_tiny
 
     tiles = load_train_tiles(real)
     rates = {}
@@ -81,10 +81,10 @@ def generation(
     attention: tuple[float, float] | None,
 ) -> dict:
     """Median seconds of our `generate` and of the bare loop, same process, same loaded model."""
-    from genfusion.base_model import save_builtin
-    from genfusion.generate import generate
-    from genfusion.params import PrelabelParams
-    from genfusion.sd import build_tiny_pipeline, load_generator, use_scheduler
+    from genfusion.diffusion.pipelines import build_tiny_pipeline, load_generator, use_scheduler
+    from genfusion.diffusion.text_to_image import text_to_image
+    from genfusion.params import GenerateParams, PrelabelParams
+    from genfusion.stages.base_model import save_builtin
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
@@ -92,11 +92,11 @@ def generation(
         pipe = load_generator(base)
         use_scheduler(pipe, "ddim")
         bare_loop(pipe, 1, 1, 2, resolution, guidance, Path(tmp) / "warm-up")
-        settings = {"guidance": guidance, "steps": steps, "resolution": resolution, "batch": batch}
-        plain = dict(settings)
+        sampler = GenerateParams(guidance=guidance, steps=steps, batch=batch)
+        settings: dict = {}
         if attention:  # the builtin model's attention maps are resolution / 4 on a side
             capture = PrelabelParams(map_size=resolution // 4, steps=attention)
-            settings |= {"attention": capture, "classes": ["tree"]}
+            settings = {"attention": capture, "classes": ["tree"]}
         # With capture on, `generate` without it is timed too, in the same loop: the capture's cost.
         names = ("ours", "bare", "plain") if attention else ("ours", "bare")
         timings: dict[str, list[float]] = {name: [] for name in names}
@@ -107,16 +107,17 @@ def generation(
                 if name == "bare":
                     bare_loop(pipe, n, batch, steps, resolution, guidance, Path(tmp) / f"bare{r}")
                 else:
-                    generate(
+                    text_to_image(
                         pipe,
-                        [PROMPT],
-                        "",
-                        range(n),
-                        0,
-                        **(settings if name == "ours" else plain),
-                        out_dir=Path(tmp) / f"{name}{r}",
+                        sampler,
+                        Path(tmp) / f"{name}{r}",
+                        prompts=[PROMPT],
+                        count=n,
+                        seed=0,
+                        resolution=resolution,
                         subject="bench",
                         fingerprint="bench",
+                        **(settings if name == "ours" else {}),
                     )
                 timings[name].append(time.perf_counter() - start)
         start = time.perf_counter()

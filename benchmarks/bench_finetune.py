@@ -20,9 +20,9 @@ def run(kind: str, steps: int, resolution: int, batch: int, queue) -> None:
     import torch.nn.functional as F
     from peft import LoraConfig
 
-    from genfusion.finetune import LORA_TARGETS, Encoded, finetune_unet
+    from genfusion.diffusion.pipelines import build_tiny_pipeline
     from genfusion.params import FinetuneParams
-    from genfusion.sd import build_tiny_pipeline
+    from genfusion.stages.finetune import LORA_TARGETS, Encoded, finetune_unet
 
     torch.manual_seed(0)
     pipe = build_tiny_pipeline(seed=0)

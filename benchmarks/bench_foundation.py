@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from genfusion.params import TrainParams
-from genfusion.train import train_args
+from genfusion.stages.train import train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

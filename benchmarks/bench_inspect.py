@@ -35,7 +35,8 @@ def main() -> None:
     import numpy as np
     from PIL import Image
 
-    from genfusion import distribution, inspection
+    from genfusion import distribution
+    from genfusion.stages import inspect as inspection
 
     tiles = sorted(Path("data/real/images/train").glob("*.png"))
     if not tiles:

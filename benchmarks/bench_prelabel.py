@@ -37,13 +37,14 @@ def main() -> None:
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
 
-    from genfusion.annotations import Box
-    from genfusion.attention import capture_attention, class_prompt, class_token_positions
-    from genfusion.generate import generate
-    from genfusion.label_quality import counts_to_metrics, match, read_boxes
+    from genfusion.boxes import Box
+    from genfusion.diffusion.attention import capture_attention, class_prompt, class_token_positions
+    from genfusion.diffusion.pipelines import load_generator, use_scheduler
+    from genfusion.diffusion.text_to_image import text_to_image
+    from genfusion.formats.yolo import read_label_file
     from genfusion.params import load_params
-    from genfusion.prelabel import attention_labels, detect
-    from genfusion.sd import load_generator, use_scheduler
+    from genfusion.stages.label_quality import counts_to_metrics, match
+    from genfusion.stages.prelabel import attention_labels, detect
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=24)
@@ -59,10 +60,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        rows = generate(
-            pipe, [params.diffusion.class_prompt], "", range(args.images), 0, params.generate.guidance,
-            args.steps, args.resolution, params.generate.batch, out, subject="bench", fingerprint="bench",
-            attention=settings, classes=names,
+        rows = text_to_image(
+            pipe, params.generate.model_copy(update={"steps": args.steps}), out,
+            prompts=[params.diffusion.class_prompt], count=args.images, seed=0, resolution=args.resolution,
+            subject="bench", fingerprint="bench", attention=settings, classes=names,
         )  # fmt: skip
         size = (args.resolution, args.resolution)
         images = [out / row["file"] for row in rows]
@@ -92,7 +93,7 @@ def main() -> None:
         scale_x, scale_y = args.resolution / width, args.resolution / height
         truth = [
             Box(b.label, b.x0 * scale_x, b.y0 * scale_y, b.x1 * scale_x, b.y1 * scale_y)
-            for b in read_boxes(
+            for b in read_label_file(
                 real / "labels" / path.parent.name / f"{path.stem}.txt", names, (width, height)
             )
         ]

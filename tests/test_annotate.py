@@ -16,10 +16,13 @@ import yaml
 from PIL import Image
 from project import ROOT, commit, run
 
-from genfusion import annotate, prelabel
-from genfusion.annotations import Box, parse_yolo_line, polygon_box
+from genfusion.boxes import Box, polygon_box
+from genfusion.commands import annotate
 from genfusion.errors import GenfusionError
-from genfusion.formats import read_label_studio_task
+from genfusion.formats.label_studio import read_task
+from genfusion.formats.yolo import parse_yolo_line
+from genfusion.params import load_params
+from genfusion.stages import prelabel
 
 CLASSES = ["tree"]
 SIZE = (64, 48)
@@ -41,7 +44,7 @@ def test_a_result_reads_back_as_the_same_object(tmp_path: Path, task: str) -> No
         box = Box("tree", 3.5, 4.25, 40.0, 47.0)
     exported = {"id": 1, "data": {"image": "/data/local-files/?d=x/a.png"}, "annotations": [{"id": 1}]}
     exported["annotations"][0]["result"] = [annotate.ls_result(box, SIZE, task)]
-    item = read_label_studio_task(exported, 0, "export", tmp_path)
+    item = read_task(exported, 0, "export", tmp_path)
     [back] = item.boxes
     assert back.label == "tree" and len(back.polygon) == len(box.polygon)
     for point, expected in zip(back.polygon, box.polygon, strict=True):
@@ -148,14 +151,20 @@ def tasks_by_key(server: annotate.LabelStudio, project: int) -> dict[str, dict]:
 def push(root: Path, monkeypatch) -> dict:
     monkeypatch.chdir(root)
     return annotate.push_main(
-        root / "params.yaml", "canopy", root / "data/generated", root / "data/prelabels"
+        load_params(root / "params.yaml"),
+        subject="canopy",
+        generated=root / "data/generated",
+        prelabels=root / "data/prelabels",
     )
 
 
 def pull(root: Path, monkeypatch) -> dict:
     monkeypatch.chdir(root)
     return annotate.pull_main(
-        root / "params.yaml", "canopy", root / "data/generated", root / "data/annotations"
+        load_params(root / "params.yaml"),
+        subject="canopy",
+        generated=root / "data/generated",
+        annotations=root / "data/annotations",
     )
 
 

@@ -11,10 +11,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from genfusion.datasets import Sources, build_dataset
 from genfusion.errors import GenfusionError
+from genfusion.layout import Sources
 from genfusion.params import TrainParams
-from genfusion.train import variant_epochs
+from genfusion.stages.datasets import build_dataset
+from genfusion.stages.train import variant_epochs
 
 
 def png(path: Path, colour: tuple[int, int, int]) -> None:

@@ -9,12 +9,24 @@ import pytest
 import torch
 
 from genfusion import fsio
+from genfusion.diffusion.pipelines import (
+    BUILTIN_TINY,
+    SOURCE_FILE,
+    build_tiny_pipeline,
+    load_generator,
+    weights_fingerprint,
+)
 from genfusion.errors import GenfusionError
-from genfusion.finetune import encode, finetune_unet, load_pixels, save_finetuned, select_instance_images
 from genfusion.formats import read_annotations
 from genfusion.params import FinetuneParams, SeedsParams, SelectParams, SubjectParams
-from genfusion.sd import BUILTIN_TINY, SOURCE_FILE, build_tiny_pipeline, load_generator, weights_fingerprint
-from genfusion.seeds import run_seeds
+from genfusion.stages.finetune import (
+    encode,
+    finetune_unet,
+    load_pixels,
+    save_finetuned,
+    select_instance_images,
+)
+from genfusion.stages.seeds import run_seeds
 
 RESOLUTION = 32
 PROMPT = "an aerial photo of sks tree crowns"

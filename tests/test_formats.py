@@ -13,9 +13,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from genfusion.annotations import Box, LabelledImage, yolo_line
+from genfusion.boxes import Box, LabelledImage
 from genfusion.errors import GenfusionError
 from genfusion.formats import detect_format, read_annotations
+from genfusion.formats.yolo import yolo_line
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,13 @@ import yaml
 from PIL import Image
 
 from genfusion import fsio
-from genfusion import generate as generate_stage
-from genfusion.base_model import save_builtin
+from genfusion.diffusion.pipelines import build_tiny_pipeline, load_generator
+from genfusion.diffusion.text_to_image import text_to_image
 from genfusion.errors import GenfusionError
-from genfusion.generate import MANIFEST, generate
-from genfusion.params import parse_params
-from genfusion.sd import build_tiny_pipeline, load_generator
+from genfusion.layout import MANIFEST
+from genfusion.params import GenerateParams, load_params, parse_params
+from genfusion.stages import generate as generate_stage
+from genfusion.stages.base_model import save_builtin
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +48,16 @@ def pipe(base_dir: Path):
 
 def run(pipe, out: Path, n: int, prompts: list[str] = PROMPTS, **changes) -> list[dict[str, str]]:
     settings = SETTINGS | changes
-    return generate(
-        pipe, prompts, "", range(n), 7, **settings, out_dir=out, subject="canopy", fingerprint="test-model"
+    return text_to_image(
+        pipe,
+        GenerateParams(guidance=settings["guidance"], steps=settings["steps"], batch=settings["batch"]),
+        out,
+        prompts=prompts,
+        count=n,
+        seed=7,
+        resolution=settings["resolution"],
+        subject="canopy",
+        fingerprint="test-model",
     )
 
 
@@ -141,12 +150,12 @@ def test_processes_share_batches_and_match_one_process(base_dir: Path, pipe, tmp
             barrier.wait(timeout=120)
 
     # 64 px: there a different batch gives different bytes (see the test above).
-    settings = SETTINGS | {"resolution": 64, "batch": 4}
 
     def rank(index: int, own_pipe) -> None:
-        generate(
-            own_pipe, PROMPTS, "", range(6), 7, **settings,
-            out_dir=tmp_path / "shared", subject="canopy", fingerprint="test-model", state=Rank(index),
+        text_to_image(
+            own_pipe, GenerateParams(guidance=2.0, steps=2, batch=4), tmp_path / "shared",
+            prompts=PROMPTS, count=6, seed=7, resolution=64,
+            subject="canopy", fingerprint="test-model", state=Rank(index),
         )  # fmt: skip
 
     # Each rank has its own model, as each process would (loaded here: loading is not thread-safe).
@@ -185,8 +194,8 @@ def test_killed_run_resumes_to_the_same_files(base_dir: Path, tmp_path: Path) ->
     made = sorted(p.name for p in (out / "images").glob("*.png"))
     assert 0 < len(made) < 8, "the run was not interrupted mid-way"
 
-    generate_stage.main(params, "canopy", base_dir, None, tmp_path, out)
-    generate_stage.main(params, "canopy", base_dir, None, tmp_path, tmp_path / "uninterrupted")
+    generate_stage.main(load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=out)
+    generate_stage.main(load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=tmp_path / "uninterrupted")
     assert contents(out) == contents(tmp_path / "uninterrupted")
     assert not [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
     for image in (out / "images").iterdir():
@@ -200,11 +209,11 @@ def test_match_real_counts_the_real_train_tiles(base_dir: Path, tmp_path: Path) 
     data["generate"]["n"] = "match_real"
     params.write_text(yaml.safe_dump(data))
     with pytest.raises(GenfusionError, match="generate.n: match_real, but .* holds no tiles"):
-        generate_stage.main(params, "canopy", base_dir, None, tmp_path / "real", tmp_path / "out")
+        generate_stage.main(load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path / "real", out=tmp_path / "out")
     (tmp_path / "real" / "images" / "train").mkdir(parents=True)
     for name in ("a", "b", "c"):
         Image.new("RGB", (40, 40)).save(tmp_path / "real" / "images" / "train" / f"{name}.png")
-    generate_stage.main(params, "canopy", base_dir, None, tmp_path / "real", tmp_path / "out")
+    generate_stage.main(load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path / "real", out=tmp_path / "out")
     assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 3
 
 

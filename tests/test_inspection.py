@@ -19,12 +19,13 @@ import yaml
 from PIL import Image
 from project import ROOT
 
-from genfusion import distribution, prelabel
-from genfusion.annotations import Box
+from genfusion import distribution
+from genfusion.boxes import Box
 from genfusion.errors import GenfusionError
 from genfusion.formats import read_annotations
 from genfusion.params import load_params
-from genfusion.seeds import run_seeds
+from genfusion.stages import prelabel
+from genfusion.stages.seeds import run_seeds
 
 FIXTURE = ROOT / "tests" / "data" / "seg-trees" / "annotations.json"
 CLI = [sys.executable, "-c", "from genfusion.cli import main; main()"]
@@ -267,7 +268,7 @@ def test_the_app_shows_the_dataset_in_a_real_browser(project: Path, tmp_path: Pa
 def test_clip_embedding_loads_a_locally_saved_checkpoint(tmp_path: Path) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from genfusion.inspection import clip_embedder
+    from genfusion.stages.inspect import clip_embedder
 
     config = CLIPConfig(
         text_config={

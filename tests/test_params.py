@@ -167,3 +167,20 @@ def test_a_trained_variant_must_be_built(raw: dict) -> None:
     raw["datasets"]["variants"] = ["variations"]
     with pytest.raises(GenfusionError, match=r"train.variants: \['mixed'\] are not built"):
         parse_params(raw)
+
+
+def test_params_yaml_writes_out_the_code_defaults() -> None:
+    """params.yaml and the typed params agree on every default: one source, no drift."""
+    from genfusion.params import Params, flatten
+
+    written = yaml.safe_load((ROOT / "params.yaml").read_text())
+    # What only the project can say (its classes, its seeds, its subjects) has no default.
+    project = {"classes": written["classes"], "seeds": {k: written["seeds"][k] for k in ("source", "class_map")}}
+    defaults = flatten(Params.model_validate(project).model_dump(mode="json"))
+    given = flatten(Params.model_validate(written).model_dump(mode="json"))
+    drift = {
+        key: (defaults.get(key), given.get(key))
+        for key in set(defaults) | set(given)
+        if not key.startswith("subjects") and defaults.get(key) != given.get(key)
+    }
+    assert not drift, f"params.yaml and genfusion.params disagree (default, params.yaml): {drift}"

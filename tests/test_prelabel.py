@@ -16,14 +16,16 @@ import torch
 import yaml
 from PIL import Image
 
-from genfusion import generate as generate_stage
-from genfusion import label_quality, prelabel
-from genfusion.annotations import Box, parse_yolo_line, yolo_line
-from genfusion.attention import capture_attention, class_prompt, class_token_positions
-from genfusion.base_model import save_builtin
+from genfusion.boxes import Box
+from genfusion.diffusion.attention import capture_attention, class_prompt, class_token_positions
+from genfusion.diffusion.pipelines import build_tiny_pipeline, use_scheduler
 from genfusion.errors import GenfusionError
-from genfusion.params import PrelabelParams
-from genfusion.sd import build_tiny_pipeline, use_scheduler
+from genfusion.formats.yolo import parse_yolo_line, yolo_line
+from genfusion.manifest import write_manifest
+from genfusion.params import PrelabelParams, load_params
+from genfusion.stages import generate as generate_stage
+from genfusion.stages import label_quality, prelabel
+from genfusion.stages.base_model import save_builtin
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,17 +142,17 @@ def test_prelabel_stage_writes_one_label_file_and_mask_per_image(base_dir: Path,
         tmp_path, 3, {"method": "attention", "min_box_area": 2}
     )  # map_size auto: 8 at 32 px
     generated, out = tmp_path / "generated", tmp_path / "prelabels"
-    generate_stage.main(params, "canopy", base_dir, None, tmp_path, generated)
+    generate_stage.main(load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=generated)
     rows = read_rows(generated / "manifest.csv")
     assert rows[0]["prompt"] == "an aerial photo of tree crowns; tree"  # the prompt actually used
     assert sorted(p.name for p in (generated / "attention").iterdir()) == [
         f"canopy_{i:05d}.npz" for i in range(3)
     ]
     first = (generated / "attention" / "canopy_00000.npz").read_bytes()
-    generate_stage.main(params, "canopy", base_dir, None, tmp_path, tmp_path / "again")
+    generate_stage.main(load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=tmp_path / "again")
     assert (tmp_path / "again" / "attention" / "canopy_00000.npz").read_bytes() == first
 
-    prelabel.main(params, "canopy", generated, tmp_path / "no.pt", out)
+    prelabel.main(load_params(params), subject="canopy", generated=generated, weights=tmp_path / "no.pt", out=out)
     stems = [f"canopy_{i:05d}" for i in range(3)]
     assert sorted(p.stem for p in (out / "labels").iterdir()) == stems
     assert sorted(p.stem for p in (out / "masks").iterdir()) == stems
@@ -168,10 +170,16 @@ def test_prelabel_stage_writes_one_label_file_and_mask_per_image(base_dir: Path,
 
     # Images made without capture have no maps: the stage says how to get them.
     plain = tiny_project(tmp_path / "plain", 1, {"method": "detector"})
-    generate_stage.main(plain, "canopy", base_dir, None, tmp_path, tmp_path / "plain-gen")
+    generate_stage.main(load_params(plain), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=tmp_path / "plain-gen")
     assert not (tmp_path / "plain-gen" / "attention").exists()
     with pytest.raises(GenfusionError, match="no attention maps; .* rerun `dvc repro generate@canopy`"):
-        prelabel.main(params, "canopy", tmp_path / "plain-gen", tmp_path / "no.pt", tmp_path / "p2")
+        prelabel.main(
+            load_params(params),
+            subject="canopy",
+            generated=tmp_path / "plain-gen",
+            weights=tmp_path / "no.pt",
+            out=tmp_path / "p2",
+        )
 
 
 def write_image(path: Path, size: tuple[int, int] = (100, 100)) -> None:
@@ -203,7 +211,7 @@ def test_label_quality_matches_a_hand_count(tmp_path: Path) -> None:
         {"file": "labels/canopy_00001.txt", "method": "attention", "boxes": 2, "scores": "[0.5, 0.7]"},
         {"file": "labels/canopy_00002.txt", "method": "attention", "boxes": 1, "scores": "[0.9]"},
     ]
-    generate_stage.write_manifest(auto / "manifest.csv", prelabel.PRELABEL_COLUMNS, rows)
+    write_manifest(auto / "manifest.csv", prelabel.PRELABEL_COLUMNS, rows)
     # A second subject nobody has labelled yet.
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -211,13 +219,13 @@ def test_label_quality_matches_a_hand_count(tmp_path: Path) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     out = root / "labels.json"
     label_quality.main(
-        root / "params.yaml",
-        root / "prelabels",
-        root / "annotations",
-        root / "generated",
-        root,
-        root / "no.pt",
-        out,
+        load_params(root / "params.yaml"),
+        prelabels=root / "prelabels",
+        annotations=root / "annotations",
+        generated=root / "generated",
+        real=root,
+        weights=root / "no.pt",
+        out=out,
     )
     report = json.loads(out.read_text())
     # Hand count: 2 hits of 4 predictions, 2 of 3 true trees.
@@ -255,7 +263,7 @@ def genfusion(root: Path, *args: str) -> None:
 def test_detector_prelabels_are_valid_yolo_files(neon_seeds: Path, base_dir: Path, tmp_path: Path) -> None:
     from genfusion.formats import read_annotations
     from genfusion.params import load_params
-    from genfusion.seeds import run_seeds
+    from genfusion.stages.seeds import run_seeds
 
     params_path = tiny_project(tmp_path, 2, {"method": "detector", "conf": 0.0})
     params = load_params(params_path)
@@ -263,7 +271,7 @@ def test_detector_prelabels_are_valid_yolo_files(neon_seeds: Path, base_dir: Pat
     genfusion(tmp_path, "datasets", "real", "--real", "data/real", "--out", "data/datasets/real")
     genfusion(tmp_path, "train", "--data", "data/datasets/real", "--out", "det", "--live", "live")
     weights = tmp_path / "det/weights/best.pt"
-    generate_stage.main(params_path, "canopy", base_dir, None, tmp_path, tmp_path / "generated/canopy")
+    generate_stage.main(load_params(params_path), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=tmp_path / "generated/canopy")
     genfusion(
         tmp_path,
         "prelabel",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from genfusion.errors import GenfusionError
-from genfusion.report import load_evaluations, markdown_table, summarise
+from genfusion.stages.report import load_evaluations, markdown_table, summarise
 
 
 def record(variant: str, seed: int, map_: float, map50: float, map75: float) -> dict:
@@ -60,7 +60,7 @@ def test_missing_evaluation_names_the_file_and_the_stage(tmp_path: Path) -> None
 
 
 def test_pr_figure_draws_the_seed_mean_of_each_variant() -> None:
-    from genfusion.report import pr_figure
+    from genfusion.stages.report import pr_figure
 
     recall = [0.0, 0.5, 1.0]
     figure = pr_figure(
@@ -72,7 +72,8 @@ def test_pr_figure_draws_the_seed_mean_of_each_variant() -> None:
 
 
 def test_sweep_points_come_from_every_experiments_summary() -> None:
-    from genfusion.report import experiment_summaries, synthetic_figure, synthetic_points
+    from genfusion.commands.experiments import experiment_summaries
+    from genfusion.figures import synthetic_figure, synthetic_points
 
     def summary(n: int, ap: float) -> dict:
         return summarise(

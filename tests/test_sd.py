@@ -12,10 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from genfusion.base_model import TileSampler, pretrain_tiny, save_builtin
-from genfusion.errors import GenfusionError
-from genfusion.params import DiffusionParams, SchedulerName
-from genfusion.sd import (
+from genfusion.diffusion.pipelines import (
     SCHEDULERS,
     build_tiny_pipeline,
     check_prompt,
@@ -25,6 +22,9 @@ from genfusion.sd import (
     use_scheduler,
     weights_fingerprint,
 )
+from genfusion.errors import GenfusionError
+from genfusion.params import DiffusionParams, SchedulerName
+from genfusion.stages.base_model import TileSampler, pretrain_tiny, save_builtin
 
 torch.set_num_threads(2)
 PROMPT = "an aerial photo of tree crowns"

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genfusion.annotations import Box, LabelledImage, parse_yolo_line
+from genfusion.boxes import Box, LabelledImage
 from genfusion.errors import GenfusionError
 from genfusion.formats import read_annotations
+from genfusion.formats.yolo import parse_yolo_line
 from genfusion.params import SeedsParams
-from genfusion.seeds import run_seeds
+from genfusion.stages.seeds import run_seeds
 
 CLASS_MAP = {"Tree": "tree", "Alive": "tree", "Dead": "tree"}
 
@@ -86,7 +87,7 @@ def test_boxes_round_trip_through_yolo_labels(neon_items, tmp_path: Path) -> Non
 
 
 def test_ultralytics_reads_what_seeds_writes(neon_items, tmp_path: Path) -> None:
-    from genfusion.yolo import configure_offline
+    from genfusion.integrations.ultralytics import configure_offline
 
     configure_offline()
     from ultralytics.data.dataset import YOLODataset

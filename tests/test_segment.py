@@ -13,12 +13,13 @@ import yaml
 from PIL import Image
 from project import ROOT, project_repo, run
 
-from genfusion import label_quality, prelabel
-from genfusion.annotations import Box, clip_polygon, parse_yolo_line, polygon_box, yolo_line
+from genfusion.boxes import Box, clip_polygon, polygon_box
 from genfusion.errors import GenfusionError
 from genfusion.formats import read_annotations
+from genfusion.formats.yolo import parse_yolo_line, yolo_line
 from genfusion.params import load_params
-from genfusion.seeds import run_seeds
+from genfusion.stages import label_quality, prelabel
+from genfusion.stages.seeds import run_seeds
 
 FIXTURE = ROOT / "tests" / "data" / "seg-trees"
 

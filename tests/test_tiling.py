@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from genfusion.annotations import Box
+from genfusion.boxes import Box
 from genfusion.tiling import Window, assign_splits, boxes_in_window, exif_point, tile_windows
 
 

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from genfusion.datasets import Sources, build_dataset
 from genfusion.formats import read_annotations
+from genfusion.layout import Sources
 from genfusion.params import load_params
-from genfusion.seeds import run_seeds
-from genfusion.train import checkpoint_epoch
+from genfusion.stages.datasets import build_dataset
+from genfusion.stages.seeds import run_seeds
+from genfusion.stages.train import checkpoint_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,15 +10,15 @@ import torch
 import yaml
 from PIL import Image
 
-from genfusion import variations as variations_stage
-from genfusion.base_model import save_builtin
+from genfusion.diffusion.pipelines import build_tiny_pipeline, load_generator
 from genfusion.errors import GenfusionError
 from genfusion.formats import read_annotations
-from genfusion.generate import MANIFEST
-from genfusion.params import load_params, parse_params
-from genfusion.sd import build_tiny_pipeline, load_generator
-from genfusion.seeds import run_seeds
-from genfusion.variations import make_variations, source_pairs, working_size
+from genfusion.layout import MANIFEST
+from genfusion.params import VariationsParams, load_params, parse_params
+from genfusion.stages import variations as variations_stage
+from genfusion.stages.base_model import save_builtin
+from genfusion.stages.seeds import run_seeds
+from genfusion.stages.variations import make_variations, source_pairs, working_size
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,10 +46,17 @@ def pipe(workspace: Path):
 
 
 def vary(pipe, sources, out: Path, **changes) -> list[dict[str, str]]:
-    settings = (
-        TINY | {"guidance": 2.0, "prompt": "an aerial photo of tree crowns", "resolution": 32} | changes
+    settings = TINY | {"guidance": 2.0, "prompt": "an aerial photo of tree crowns", "resolution": 32} | changes
+    prompt, resolution = settings.pop("prompt"), settings.pop("resolution")
+    return make_variations(
+        pipe,
+        sources,
+        VariationsParams(**settings),
+        out,
+        prompt=prompt,
+        resolution=resolution,
+        fingerprint="test-model",
     )
-    return make_variations(pipe, sources, **settings, out_dir=out, fingerprint="test-model")
 
 
 def manifest(out: Path) -> list[dict[str, str]]:
@@ -59,7 +66,9 @@ def manifest(out: Path) -> list[dict[str, str]]:
 
 def test_stage_varies_every_train_tile_and_carries_its_boxes(workspace: Path) -> None:
     real, out = workspace / "data/real", workspace / "data/variations"
-    variations_stage.main(workspace / "params.yaml", workspace / "models/base", None, real, out)
+    variations_stage.main(
+        load_params(workspace / "params.yaml"), base=workspace / "models/base", finetuned=None, real=real, out=out
+    )
     sources = source_pairs(real)
     rows = manifest(out)
     assert len(rows) == 2 * len(sources) == len(list((out / "images").iterdir()))

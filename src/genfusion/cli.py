@@ -7,7 +7,9 @@ that `genfusion --help` answers at once.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
+DEBUG_VAR = "GENFUSION_DEBUG"
 ParamsOpt = Annotated[Path, typer.Option("--params", help="Parameters file.")]
 RealOpt = Annotated[Path, typer.Option(help="Real dataset written by `seeds`.")]
 GeneratedOpt = Annotated[Path, typer.Option(help="Generated images, a folder per subject.")]
@@ -29,15 +32,35 @@ PrelabelsOpt = Annotated[Path, typer.Option(help="Automatic labels, a folder per
 AnnotationsOpt = Annotated[Path, typer.Option(help="People's labels, a folder per subject.")]
 
 
+def _debug() -> bool:
+    return os.environ.get(DEBUG_VAR, "") not in ("", "0")
+
+
 @app.callback()
-def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _setup(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help=f"Debug logging, and full tracebacks (also {DEBUG_VAR}=1).")
+    ] = False,
+) -> None:
     from rich.logging import RichHandler
+
+    if verbose:
+        # Through the environment, so that child processes (accelerate launch) inherit it.
+        os.environ[DEBUG_VAR] = "1"
+    verbose = verbose or _debug()
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
         handlers=[RichHandler(show_path=False, show_time=False, rich_tracebacks=False)],
     )
+
+
+def _params(path: Path):
+    """params.yaml, checked whole: a typo anywhere is caught by the first stage that runs."""
+    from genfusion.params import load_params
+
+    return load_params(path)
 
 
 @app.command()
@@ -58,9 +81,9 @@ def seeds(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Import, normalise, tile and split the real seed images (source: seeds.source)."""
-    from genfusion.seeds import main
+    from genfusion.stages.seeds import main
 
-    main(params_path, out, report)
+    main(_params(params_path), out=out, report=report)
 
 
 @app.command()
@@ -77,9 +100,11 @@ def datasets(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Write the YOLO dataset a detector variant trains on (params: labels, datasets)."""
-    from genfusion.datasets import Sources, main
+    from genfusion.layout import Sources
+    from genfusion.stages.datasets import main
 
-    counts = main(params_path, variant, Sources(real, generated, prelabels, annotations, variations), out)
+    sources = Sources(real, generated, prelabels, annotations, variations)
+    counts = main(_params(params_path), variant=variant, sources=sources, out=out)
     logging.getLogger("genfusion").info("datasets@%s: %s", variant, counts)
 
 
@@ -92,9 +117,9 @@ def train(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Train one YOLO detector (params: train.*)."""
-    from genfusion.train import main
+    from genfusion.stages.train import main
 
-    main(data / "dataset.yaml", out, live, params_path, seed)
+    main(_params(params_path), data=data, seed=seed, out=out, live=live)
 
 
 @app.command()
@@ -108,9 +133,9 @@ def evaluate(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Score a detector on the real test split."""
-    from genfusion.evaluate import main
+    from genfusion.stages.evaluate import main
 
-    main(weights, data, out, pr, params_path, variant, seed)
+    main(_params(params_path), weights=weights, data=data, variant=variant, seed=seed, out=out, pr=pr)
 
 
 @app.command()
@@ -125,9 +150,18 @@ def report(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Table-1 style summary (mean +- std over seeds per variant and model) and figures."""
-    from genfusion.report import main
+    from genfusion.stages.report import main
 
-    main(eval_dir, pr_dir, detectors, real, summary, markdown, figures, params_path)
+    main(
+        _params(params_path),
+        eval_dir=eval_dir,
+        pr_dir=pr_dir,
+        detectors=detectors,
+        real=real,
+        summary=summary,
+        markdown=markdown,
+        figures=figures,
+    )
 
 
 @app.command()
@@ -136,7 +170,7 @@ def sweep(
 ) -> None:
     """Plot AP50 against synthetic images over every experiment (`dvc exp show`), e.g. after a
     sweep of datasets.mixed_ratio or variations.per_image."""
-    from genfusion.report import sweep_main
+    from genfusion.commands.experiments import sweep_main
 
     sweep_main(out)
 
@@ -150,18 +184,9 @@ def exp(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Run (or queue) `dvc exp run` with a profile's params, e.g. the published protocols."""
-    import shlex
-    import subprocess
+    from genfusion.commands.experiments import exp_main
 
-    from genfusion.params import profile_overrides
-
-    command = ["dvc", "exp", "run", *(["--queue"] if queue else []), *(["-n", name] if name else [])]
-    for override in profile_overrides(profile, params_path):
-        command += ["-S", override]
-    if dry_run:
-        typer.echo(shlex.join(command))
-        return
-    sys.exit(subprocess.run(command).returncode)
+    sys.exit(exp_main(profile, params_path, name=name, queue=queue, dry_run=dry_run))
 
 
 FinetunedOpt = Annotated[
@@ -177,9 +202,9 @@ def base_model(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Pretrain the builtin tiny Stable Diffusion, or check and record an external one (diffusion.*)."""
-    from genfusion.base_model import main
+    from genfusion.stages.base_model import main
 
-    main(params_path, real, out)
+    main(_params(params_path), real=real, out=out)
 
 
 @app.command()
@@ -192,9 +217,9 @@ def generate(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Text-to-image with a subject's generator; keeps images already made (generate.*)."""
-    from genfusion.generate import main
+    from genfusion.stages.generate import main
 
-    main(params_path, subject, base, finetuned, real, out)
+    main(_params(params_path), subject=subject, base=base, finetuned=finetuned, real=real, out=out)
 
 
 @app.command()
@@ -208,9 +233,9 @@ def variations(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """img2img variations of every real train tile, boxes carried over (variations.*)."""
-    from genfusion.variations import main
+    from genfusion.stages.variations import main
 
-    main(params_path, base, finetuned, real, out)
+    main(_params(params_path), base=base, finetuned=finetuned, real=real, out=out)
 
 
 @app.command("class-images")
@@ -221,9 +246,9 @@ def class_images(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Prior-preservation images of a subject's class prompt, made by the base model."""
-    from genfusion.finetune import class_images_main
+    from genfusion.stages.class_images import main
 
-    class_images_main(params_path, subject, base, out)
+    main(_params(params_path), subject=subject, base=base, out=out)
 
 
 @app.command()
@@ -237,9 +262,17 @@ def finetune(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """DreamBooth fine-tuning of one subject, LoRA or full UNet (finetune.*, subjects.*)."""
-    from genfusion.finetune import main
+    from genfusion.stages.finetune import main
 
-    main(subject, base, real, class_images, out, live, params_path)
+    main(
+        _params(params_path),
+        subject=subject,
+        base=base,
+        real=real,
+        class_images=class_images,
+        out=out,
+        live=live,
+    )
 
 
 @app.command()
@@ -250,9 +283,21 @@ def gallery(
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("reports/gallery.png"),
 ) -> None:
     """A picture of real tiles beside their variations and each subject's generated images."""
-    from genfusion.gallery import main
+    from genfusion.stages.gallery import main
 
-    main(real, generated, variations, out)
+    main(real=real, generated=generated, variations=variations, out=out)
+
+
+RealDetectorOpt = Annotated[
+    Path | None,
+    typer.Option(help="Detector weights (default: the real detector of prelabel.seed, train@real-<seed>)."),
+]
+
+
+def real_detector(params) -> Path:
+    from genfusion.layout import detector_weights
+
+    return detector_weights(Path("models/detectors"), f"real-{params.prelabel.seed}")
 
 
 @app.command()
@@ -260,15 +305,15 @@ def prelabel(
     subject: Annotated[str, typer.Argument(help="Subject name (a key of `subjects` in params).")],
     generated: Annotated[Path, typer.Option(help="The subject's generated folder (images/, attention/).")],
     out: Annotated[Path, typer.Option(help="Output folder (labels/, masks/, manifest.csv).")],
-    weights: Annotated[Path, typer.Option(help="Detector weights, for prelabel.method: detector.")] = Path(
-        "models/detectors/real-0/weights/best.pt"
-    ),
+    weights: RealDetectorOpt = None,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Automatic labels for generated images: attention maps or a detector (prelabel.*)."""
-    from genfusion.prelabel import main
+    from genfusion.stages.prelabel import main
 
-    main(params_path, subject, generated, weights, out)
+    params = _params(params_path)
+    weights = weights or real_detector(params)
+    main(params, subject=subject, generated=generated, weights=weights, out=out)
 
 
 @app.command("label-quality")
@@ -278,15 +323,22 @@ def label_quality(
     annotations: AnnotationsOpt = Path("data/annotations"),
     generated: GeneratedOpt = Path("data/generated"),
     real: RealOpt = Path("data/real"),
-    weights: Annotated[Path, typer.Option(help="The real detector scored on the real val split.")] = Path(
-        "models/detectors/real-0/weights/best.pt"
-    ),
+    weights: RealDetectorOpt = None,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Precision and recall of the automatic labels against people's, and of the detector on real val."""
-    from genfusion.label_quality import main
+    from genfusion.stages.label_quality import main
 
-    main(params_path, prelabels, annotations, generated, real, weights, out)
+    params = _params(params_path)
+    main(
+        params,
+        prelabels=prelabels,
+        annotations=annotations,
+        generated=generated,
+        real=real,
+        weights=weights or real_detector(params),
+        out=out,
+    )
 
 
 annotate_app = typer.Typer(
@@ -305,9 +357,9 @@ def annotate_serve(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Install (first time) and run Label Studio on 127.0.0.1 (account and token: environment or .env)."""
-    from genfusion.annotate import serve_main
+    from genfusion.commands.annotate import serve_main
 
-    serve_main(params_path, port)
+    serve_main(_params(params_path), port=port)
 
 
 @annotate_app.command("push")
@@ -318,9 +370,9 @@ def annotate_push(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Create or update the subject's project; add a task per new image, automatic labels as predictions."""
-    from genfusion.annotate import push_main
+    from genfusion.commands.annotate import push_main
 
-    push_main(params_path, subject, generated, prelabels)
+    push_main(_params(params_path), subject=subject, generated=generated, prelabels=prelabels)
 
 
 @annotate_app.command("pull")
@@ -331,9 +383,9 @@ def annotate_pull(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Write people's labels to data/annotations/<subject>/ and `dvc add` it; print what changed."""
-    from genfusion.annotate import pull_main
+    from genfusion.commands.annotate import pull_main
 
-    pull_main(params_path, subject, generated, annotations)
+    pull_main(_params(params_path), subject=subject, generated=generated, annotations=annotations)
 
 
 inspect_app = typer.Typer(
@@ -364,11 +416,11 @@ def inspect_build(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """The `inspect` stage: measure synthetic against real and build or update the FiftyOne dataset."""
-    from genfusion.inspection import Sources, main
+    from genfusion.layout import Sources
+    from genfusion.stages.inspect import main
 
-    main(
-        params_path, Sources(real, generated, prelabels, annotations, variations, detectors), metrics, figure
-    )
+    sources = Sources(real, generated, prelabels, annotations, variations, detectors)
+    main(_params(params_path), sources=sources, metrics=metrics, figure=figure)
 
 
 @inspect_app.command("app")
@@ -378,15 +430,17 @@ def inspect_app_command(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Serve the FiftyOne App with the inspect stage's dataset and saved views (Ctrl-C stops it)."""
-    from genfusion.inspection import app_main
+    from genfusion.commands.inspect_app import main
 
-    app_main(params_path, port, host)
+    main(_params(params_path), port=port, host=host)
 
 
 def main() -> None:
     try:
         app(standalone_mode=True)
     except GenfusionError as exc:
+        if _debug():
+            traceback.print_exception(exc)
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
 

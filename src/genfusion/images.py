@@ -23,10 +23,10 @@ def open_image(path: Path) -> Image.Image:
     """Open lazily (header only), naming the file when it is not an image."""
     try:
         return Image.open(path)
-    except FileNotFoundError:
-        raise GenfusionError(f"{path}: image file not found") from None
+    except FileNotFoundError as exc:
+        raise GenfusionError(f"{path}: image file not found") from exc
     except (UnidentifiedImageError, OSError) as exc:
-        raise GenfusionError(f"{path}: not a readable image ({exc})") from None
+        raise GenfusionError(f"{path}: not a readable image ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def read_header(path: Path) -> Header:
         try:
             return Header(image.size, exif_orientation(image))
         except (OSError, SyntaxError, ValueError, struct.error) as exc:
-            raise GenfusionError(f"{path}: corrupt or truncated image ({exc})") from None
+            raise GenfusionError(f"{path}: corrupt or truncated image ({exc})") from exc
 
 
 def to_rgb(image: Image.Image, path: Path) -> tuple[Image.Image, str | None]:
@@ -60,7 +60,7 @@ def to_rgb(image: Image.Image, path: Path) -> tuple[Image.Image, str | None]:
         image.load()
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, struct.error) as exc:
-        raise GenfusionError(f"{path}: corrupt or truncated image ({exc})") from None
+        raise GenfusionError(f"{path}: corrupt or truncated image ({exc})") from exc
     mode = image.mode
     if mode == "RGB":
         return image, None

@@ -1,5 +1,8 @@
 """Typed view of params.yaml: one model per stage section, strict about keys and values.
 
+The defaults here are the one source of every default; params.yaml writes each of them out
+(with its meaning), and a test fails when the two differ.
+
 An unknown key is an error that suggests the closest known key; a bad value is an
 error naming the key and what is allowed. Stages load the whole file so that a typo
 anywhere is caught by the first stage that runs, not hours later.
@@ -19,10 +22,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genfusion.errors import GenfusionError
+from genfusion.layout import SPLITS
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
-SPLITS = ("train", "val", "test")
+
 
 
 class Section(BaseModel):
@@ -169,8 +173,8 @@ class GenerateParams(Section):
 
 
 class VariationsParams(Section):
-    per_image: NonNegativeInt = 2
-    strength: Annotated[float, Field(gt=0, le=1)] = 0.3
+    per_image: NonNegativeInt = 4
+    strength: Annotated[float, Field(gt=0, le=1)] = 0.2
     guidance: Annotated[float, Field(ge=0)] = 2.0
     steps: PositiveInt = 20
     prompt: Prompt = "{class_prompt}"
@@ -190,8 +194,8 @@ class VariationsParams(Section):
 
 class FinetuneParams(Section):
     method: Literal["lora", "full"] = "lora"
-    steps: PositiveInt = 200
-    lr: Annotated[float, Field(gt=0)] = 1e-4
+    steps: PositiveInt = 100
+    lr: Annotated[float, Field(gt=0)] = 1e-3
     batch: PositiveInt = 4
     grad_accum: PositiveInt = 1
     # fp32, not accelerate's "no": `dvc exp run -S` writes YAML unquoted, and `no` reads as false.
@@ -339,7 +343,7 @@ class Params(Section):
             return FinetuneParams.model_validate(self.finetune.model_dump() | overrides)
         except ValidationError as exc:
             problems = "; ".join(_describe(e, FinetuneParams) for e in exc.errors())
-            raise ValueError(f"subjects.{name}.finetune: {problems}") from None
+            raise ValueError(f"subjects.{name}.finetune: {problems}") from exc
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -378,7 +382,7 @@ def parse_params(data: Any, path: Path = Path("params.yaml")) -> Params:
         return Params.model_validate(data)
     except ValidationError as exc:
         problems = "\n  ".join(_describe(e) for e in exc.errors())
-        raise GenfusionError(f"{path}: invalid params:\n  {problems}") from None
+        raise GenfusionError(f"{path}: invalid params:\n  {problems}") from exc
 
 
 PARAMS_MISSING = "params file not found (run from the project root)"
@@ -389,10 +393,10 @@ def read_yaml(path: Path, missing: str) -> Any:
     path = Path(path)
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GenfusionError(f"{path}: {missing}") from None
+    except FileNotFoundError as exc:
+        raise GenfusionError(f"{path}: {missing}") from exc
     except yaml.YAMLError as exc:
-        raise GenfusionError(f"{path}: not valid YAML: {exc}") from None
+        raise GenfusionError(f"{path}: not valid YAML: {exc}") from exc
 
 
 def load_params(path: Path = Path("params.yaml")) -> Params:

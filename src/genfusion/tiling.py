@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from genfusion.annotations import Box, polygon_box
+from genfusion.boxes import Box, polygon_box
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,20 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from genfusion import fsio
-from genfusion.annotations import Box, parse_yolo_line
+from genfusion import fsio, layout
+from genfusion.boxes import Box
 from genfusion.errors import GenfusionError
+from genfusion.formats.yolo import read_label_file
 from genfusion.images import read_header
+from genfusion.layout import IGNORE
 from genfusion.params import PrelabelParams
-from genfusion.prelabel import IGNORE
+
+if TYPE_CHECKING:
+    from genfusion.params import Params
 
 IOU = 0.5
 
@@ -54,13 +59,6 @@ def counts_to_metrics(tp: int, predictions: int, truths: int) -> dict:
         "truths": truths,
         "true_positives": tp,
     }
-
-
-def read_boxes(path: Path, names: list[str], size: tuple[int, int]) -> list[Box]:
-    try:
-        return [parse_yolo_line(line, names, *size) for line in path.read_text().splitlines() if line.strip()]
-    except ValueError as exc:
-        raise GenfusionError(f"{path}: {exc}") from None
 
 
 def mask_iou(auto: np.ndarray, people: np.ndarray, classes: int) -> float:
@@ -103,10 +101,10 @@ def subject_quality(
 ) -> dict:
     """Automatic labels of one subject against the images people finished."""
 
-    people = sorted((annotations / "labels").glob("*.txt"))
+    people = sorted(layout.labels_dir(annotations).glob("*.txt"))
     if not people:
         return {"annotated": 0, "note": "no people's labels yet"}
-    manifest = {Path(row["file"]).stem: row for row in _rows(prelabels / "manifest.csv")}
+    manifest = {Path(row["file"]).stem: row for row in _rows(prelabels / layout.MANIFEST)}
     tp = predictions = truths = 0
     mask_scores = []
     for path in people:
@@ -115,9 +113,9 @@ def subject_quality(
             raise GenfusionError(
                 f"{path}: people labelled {stem}, which has no automatic labels in {prelabels}"
             )
-        size = read_header(generated / "images" / f"{stem}.png").size
-        truth = read_boxes(path, names, size)
-        auto = read_boxes(prelabels / "labels" / f"{stem}.txt", names, size)
+        size = read_header(layout.images_dir(generated) / f"{stem}.png").size
+        truth = read_label_file(path, names, size)
+        auto = read_label_file(layout.label_file(prelabels, stem), names, size)
         scores = json.loads(manifest[stem]["scores"])
         tp += match(auto, scores, truth)
         predictions += len(auto)
@@ -133,7 +131,7 @@ def subject_quality(
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
-    from genfusion.generate import read_manifest
+    from genfusion.manifest import read_manifest
 
     rows = list(read_manifest(path).values())
     if not rows:
@@ -145,12 +143,12 @@ def detector_quality(
     weights: Path, real: Path, names: list[str], settings: PrelabelParams, imgsz: int, device: str
 ) -> dict:
     """The detector pre-labeller on the real val split, scored like the automatic labels."""
-    from genfusion.prelabel import detect
+    from genfusion.detection import detect
 
-    images = sorted((real / "images" / "val").glob("*.png"))
+    images = layout.image_files(real, "val")
     tp = predictions = truths = 0
     for path, found in zip(images, detect(weights, images, names, settings, imgsz, device), strict=True):
-        truth = read_boxes(real / "labels" / "val" / f"{path.stem}.txt", names, read_header(path).size)
+        truth = read_label_file(layout.label_file(real, path.stem, "val"), names, read_header(path).size)
         tp += match(found.boxes, found.scores, truth)
         predictions += len(found.boxes)
         truths += len(truth)
@@ -158,17 +156,8 @@ def detector_quality(
 
 
 def main(
-    params_path: Path,
-    prelabels: Path,
-    annotations: Path,
-    generated: Path,
-    real: Path,
-    weights: Path,
-    out: Path,
+    params: Params, *, prelabels: Path, annotations: Path, generated: Path, real: Path, weights: Path, out: Path
 ) -> None:
-    from genfusion.params import load_params
-
-    params = load_params(params_path)
     report: dict = {
         "method": params.prelabel.method,
         "subjects": {

@@ -15,9 +15,14 @@ import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from genfusion import fsio
+from genfusion import fsio, layout
 from genfusion.errors import GenfusionError
+from genfusion.figures import synthetic_figure, synthetic_points
+
+if TYPE_CHECKING:
+    from genfusion.params import Params
 
 BOX_METRICS = (("map", "AP@0.5:0.95"), ("map50", "AP50"), ("map75", "AP75"))
 # Segmentation models (task: segment) are also scored on their masks.
@@ -40,10 +45,10 @@ def load_evaluations(eval_dir: Path, variants: Sequence[str], seeds: Sequence[in
             path = eval_dir / f"{variant}-{seed}.json"
             try:
                 records.append(json.loads(path.read_text()))
-            except FileNotFoundError:
-                raise GenfusionError(f"{path}: missing; run `dvc repro evaluate@{variant}-{seed}`") from None
+            except FileNotFoundError as exc:
+                raise GenfusionError(f"{path}: missing; run `dvc repro evaluate@{variant}-{seed}`") from exc
             except json.JSONDecodeError as exc:
-                raise GenfusionError(f"{path}: not valid JSON ({exc})") from None
+                raise GenfusionError(f"{path}: not valid JSON ({exc})") from exc
     return records
 
 
@@ -126,64 +131,6 @@ def pr_figure(curves: dict[str, list[tuple[list[float], list[float]]]]):
     return figure
 
 
-def synthetic_points(summary: dict[str, dict[str, dict]]) -> list[tuple[str, int, float, float]]:
-    """(variant and model, synthetic train images, AP50 mean, AP50 std) of each report row."""
-    return [
-        (f"{variant} ({model})", row["synthetic_images"], row["map50_mean"], row["map50_std"])
-        for variant, models in summary.items()
-        for model, row in models.items()
-    ]
-
-
-def synthetic_figure(points: Sequence[tuple[str, int, float, float]]):
-    """AP50 (mean +- std over seeds) against the number of synthetic train images, a line per
-    variant and model: one point per row of this run, or per experiment of a sweep."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 4.5), dpi=100)
-    axes = figure.subplots()
-    for label in dict.fromkeys(point[0] for point in points):
-        mine = sorted(point[1:] for point in points if point[0] == label)
-        xs, ys, errors = zip(*mine, strict=True)
-        axes.errorbar(xs, ys, yerr=errors, fmt="o-", capsize=4, label=label)
-    axes.set(xlabel="synthetic train images", ylabel="AP50 on the real test split")
-    axes.set_title("AP50 against the number of synthetic images")
-    axes.legend()
-    figure.tight_layout()
-    return figure
-
-
-def experiment_summaries(shown: object) -> list[dict]:
-    """Every `metrics/summary.json` in `dvc exp show --json` output (workspace, commits and
-    their experiments)."""
-    found = []
-    if isinstance(shown, dict):
-        metrics = (shown.get("data") or {}).get("metrics") or {}
-        summary = (metrics.get("metrics/summary.json") or {}).get("data")
-        if summary:
-            found.append(summary)
-        for value in shown.values():
-            found += experiment_summaries(value)
-    elif isinstance(shown, list):
-        for value in shown:
-            found += experiment_summaries(value)
-    return found
-
-
-def sweep_main(out: Path) -> None:
-    """`reports/sweep.png`: AP50 against synthetic images over every experiment DVC knows."""
-    import subprocess
-
-    done = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
-    if done.returncode:
-        raise GenfusionError(f"sweep: `dvc exp show --json` failed: {done.stderr.strip()}")
-    summaries = experiment_summaries(json.loads(done.stdout))
-    points = [point for summary in summaries for point in synthetic_points(summary)]
-    if not points:
-        raise GenfusionError("sweep: no experiment has metrics/summary.json yet; run `dvc exp run` first")
-    fsio.write_png(out, synthetic_figure(sorted(set(points))))
-
-
 PixelBox = tuple[float, float, float, float]
 
 
@@ -198,9 +145,9 @@ def draw_boxes(image, boxes: Sequence[PixelBox], colour: str, width: int):
 
 
 def true_boxes(label: Path, names: list[str], size: tuple[int, int]) -> list[PixelBox]:
-    from genfusion.annotations import parse_yolo_line
+    from genfusion.formats.yolo import read_label_file
 
-    boxes = [parse_yolo_line(line, names, *size) for line in label.read_text().splitlines() if line.strip()]
+    boxes = read_label_file(label, names, size)
     return [(b.x0, b.y0, b.x1, b.y1) for b in boxes]
 
 
@@ -208,14 +155,14 @@ def detections_figure(detectors: dict[str, Path], real: Path, params, columns: i
     """A row per variant: its detector's boxes (red) and the true boxes (yellow) on test tiles."""
     from PIL import Image
 
-    from genfusion.gallery import grid
-    from genfusion.yolo import load_yolo
+    from genfusion.figures import grid
+    from genfusion.integrations.ultralytics import load_yolo
 
-    tiles = sorted((real / "images" / "test").glob("*.png"))[:columns]
+    tiles = layout.image_files(real, "test")[:columns]
     truth = {}
     for tile in tiles:
         with Image.open(tile) as image:
-            label = real / "labels" / "test" / f"{tile.stem}.txt"
+            label = layout.label_file(real, tile.stem, "test")
             truth[tile] = true_boxes(label, params.classes, image.size)
     rows = []
     for variant, weights in detectors.items():
@@ -236,24 +183,22 @@ def detections_figure(detectors: dict[str, Path], real: Path, params, columns: i
 
 
 def main(
+    params: Params,
+    *,
     eval_dir: Path,
     pr_dir: Path,
-    detectors_dir: Path,
+    detectors: Path,
     real: Path,
-    summary_out: Path,
-    markdown_out: Path,
-    figures_dir: Path,
-    params_path: Path,
+    summary: Path,
+    markdown: Path,
+    figures: Path,
 ) -> None:
-    from genfusion.params import load_params
-
-    params = load_params(params_path)
     variants, seeds = params.train.variants, params.train.seeds
-    summary = summarise(load_evaluations(eval_dir, variants, seeds))
+    table = summarise(load_evaluations(eval_dir, variants, seeds))
     curves = {v: [read_pr_curve(pr_dir / f"{v}-{s}.csv") for s in seeds] for v in variants}
-    detectors = {v: detectors_dir / f"{v}-{seeds[0]}" / "weights" / "best.pt" for v in variants}
-    fsio.write_png(figures_dir / "pr_curves.png", pr_figure(curves))
-    fsio.write_png(figures_dir / "ap_vs_synthetic.png", synthetic_figure(synthetic_points(summary)))
-    fsio.write_png(figures_dir / "detections.png", detections_figure(detectors, real, params))
-    fsio.write_json(summary_out, summary)
-    fsio.write_text(markdown_out, render_markdown(summary))
+    weights = {v: layout.detector_weights(detectors, f"{v}-{seeds[0]}") for v in variants}
+    fsio.write_png(figures / "pr_curves.png", pr_figure(curves))
+    fsio.write_png(figures / "ap_vs_synthetic.png", synthetic_figure(synthetic_points(table)))
+    fsio.write_png(figures / "detections.png", detections_figure(weights, real, params))
+    fsio.write_json(summary, table)
+    fsio.write_text(markdown, render_markdown(table))

@@ -12,13 +12,14 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from genfusion import layout
 from genfusion.errors import GenfusionError
 
 if TYPE_CHECKING:
     from ultralytics import YOLO
 
-# Per-project settings folder (git-ignored), so runs never touch ~/.config.
-CONFIG_DIR = Path(".yolo")
+# Per-project settings folder (git-ignored, at the project root), so runs never touch ~/.config.
+CONFIG_DIR = ".yolo"
 OFF_INTEGRATIONS = (
     "sync",
     "dvc",
@@ -32,10 +33,9 @@ OFF_INTEGRATIONS = (
 )
 
 
-def configure_offline(config_dir: Path = CONFIG_DIR) -> None:
-    config_dir = config_dir.resolve()
+def configure_offline() -> None:
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(layout.project_root() / CONFIG_DIR))
     font = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics" / "Arial.ttf"
     if not font.exists():
         # Plots want Arial and download it when missing; any TTF will do.
@@ -66,4 +66,4 @@ def load_yolo(model: str | Path) -> YOLO:
     try:
         return YOLO(name)
     except FileNotFoundError as exc:
-        raise GenfusionError(f"train.model: cannot build {name!r}: {exc}") from None
+        raise GenfusionError(f"train.model: cannot build {name!r}: {exc}") from exc

@@ -15,15 +15,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from genfusion import layout
+from genfusion.diffusion.pipelines import check_prompt, check_resolution, memory_guard, use_scheduler
 from genfusion.errors import GenfusionError
-from genfusion.generate import ImageJob, check_resolution, run_jobs
 from genfusion.images import open_image, read_header, to_rgb
-from genfusion.sd import check_prompt, memory_guard, use_scheduler
+from genfusion.jobs import ImageJob, run_jobs
 
 if TYPE_CHECKING:
     from accelerate import PartialState
     from diffusers import StableDiffusionPipeline
     from PIL import Image
+
+    from genfusion.params import Params, VariationsParams
 
 VARIATION_COLUMNS = (
     "file",
@@ -52,8 +55,8 @@ def working_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
 def source_pairs(real: Path) -> list[tuple[Path, Path]]:
     """(image, label) for every real train tile, in file-name order; every tile needs its label."""
     pairs = []
-    for image in sorted((Path(real) / "images" / "train").glob("*.png")):
-        label = Path(real) / "labels" / "train" / f"{image.stem}.txt"
+    for image in layout.image_files(Path(real), "train"):
+        label = layout.label_file(Path(real), image.stem, "train")
         if not label.is_file():
             raise GenfusionError(
                 f"variations: {label} is missing; every real train tile needs its YOLO label file"
@@ -66,21 +69,16 @@ def source_pairs(real: Path) -> list[tuple[Path, Path]]:
 def make_variations(
     pipe: StableDiffusionPipeline,
     sources: Sequence[tuple[Path, Path]],
-    per_image: int,
-    strength: float,
-    guidance: float,
-    steps: int,
-    prompt: str,
-    batch: int,
-    seed: int,
-    resolution: int,
+    settings: VariationsParams,
     out_dir: Path,
     *,
+    prompt: str,
+    resolution: int,
     fingerprint: str,
-    scheduler: str = "ddim",
     state: PartialState | None = None,
 ) -> list[dict[str, str]]:
-    """Write `per_image` variations of each (image, label) source into `out_dir/images|labels/`."""
+    """Write `settings.per_image` variations of each (image, label) source into
+    `out_dir/images|labels/`, with `prompt` (the rendered `settings.prompt`)."""
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
@@ -93,13 +91,13 @@ def make_variations(
         **pipe.components, requires_safety_checker=pipe.config.requires_safety_checker
     )
     img2img.set_progress_bar_config(disable=True)
-    use_scheduler(img2img, scheduler)
+    use_scheduler(img2img, settings.scheduler)
     sizes: dict[Path, tuple[int, int]] = {}
     jobs = []
     for s, (image, label) in enumerate(sorted(sources, key=lambda pair: pair[0].name)):
         sizes[image] = read_header(image).size
         digest, boxes = hashlib.sha256(image.read_bytes()).hexdigest(), label.read_bytes()
-        for j in range(per_image):
+        for j in range(settings.per_image):
             name = f"{image.stem}_v{j}"
             row = {
                 "file": f"images/{name}.png",
@@ -108,13 +106,13 @@ def make_variations(
                 "source_label": label,
                 "source_sha256": digest,
                 "variation": j,
-                "seed": seed + s * per_image + j,
-                "strength": strength,
+                "seed": settings.seed + s * settings.per_image + j,
+                "strength": settings.strength,
                 "prompt": prompt,
                 "model": fingerprint,
-                "scheduler": scheduler,
-                "steps": steps,
-                "guidance": guidance,
+                "scheduler": settings.scheduler,
+                "steps": settings.steps,
+                "guidance": settings.guidance,
                 "resolution": resolution,
             }
             text_row = {k: str(v) for k, v in row.items()}
@@ -131,9 +129,9 @@ def make_variations(
             images = img2img(
                 prompt=[job.prompt for job in chunk],
                 image=inputs,
-                strength=strength,
-                guidance_scale=guidance,
-                num_inference_steps=steps,
+                strength=settings.strength,
+                guidance_scale=settings.guidance,
+                num_inference_steps=settings.steps,
                 generator=[torch.Generator(pipe.device).manual_seed(job.seed) for job in chunk],
             ).images
         return [image.resize(size, Image.LANCZOS) for image in images]
@@ -143,7 +141,7 @@ def make_variations(
         jobs,
         VARIATION_COLUMNS,
         render,
-        batch,
+        settings.batch,
         "variations",
         subdirs=("images", "labels"),
         # One pipeline call takes images of one size.
@@ -152,33 +150,22 @@ def make_variations(
     )
 
 
-def main(params_path: Path, base_dir: Path, finetuned_dir: Path | None, real: Path, out: Path) -> None:
+def main(params: Params, *, base: Path, finetuned: Path | None, real: Path, out: Path) -> None:
     """Entry point: paths from dvc.yaml, everything else from params (variations.*, diffusion.*)."""
     from accelerate import PartialState
 
-    from genfusion.generate import open_generator
-    from genfusion.params import load_params
-    from genfusion.sd import model_fingerprint, render_prompt
+    from genfusion.diffusion.pipelines import model_fingerprint, open_generator, render_prompt
 
-    params = load_params(params_path)
     diffusion, request = params.diffusion, params.variations
     prompt = render_prompt(request.prompt, "variations.prompt", class_prompt=diffusion.class_prompt)
-    sources = source_pairs(real)
     state = PartialState()
-    pipe = open_generator(diffusion, base_dir, finetuned_dir, state)
     make_variations(
-        pipe,
-        sources,
-        request.per_image,
-        request.strength,
-        request.guidance,
-        request.steps,
-        prompt,
-        request.batch,
-        request.seed,
-        diffusion.resolution,
+        open_generator(diffusion, base, finetuned, state),
+        source_pairs(real),
+        request,
         out,
-        fingerprint=model_fingerprint(base_dir, finetuned_dir),
-        scheduler=request.scheduler,
+        prompt=prompt,
+        resolution=diffusion.resolution,
+        fingerprint=model_fingerprint(base, finetuned),
         state=state,
     )

@@ -19,12 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from genfusion import fsio
-from genfusion.errors import GenfusionError
-from genfusion.images import open_image, to_rgb
-from genfusion.params import DiffusionParams
-from genfusion.progress import progress_bar
-from genfusion.sd import (
+from genfusion import fsio, layout
+from genfusion.diffusion.pipelines import (
     BUILTIN_TINY,
     SOURCE_FILE,
     build_tiny_pipeline,
@@ -34,10 +30,16 @@ from genfusion.sd import (
     resolve_source,
     weights_fingerprint,
 )
+from genfusion.errors import GenfusionError
+from genfusion.images import open_image, to_rgb
+from genfusion.params import DiffusionParams
+from genfusion.progress import progress_bar
 
 if TYPE_CHECKING:
     import torch
     from diffusers import StableDiffusionPipeline
+
+    from genfusion.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ WARMUP_STEPS = 20
 
 def load_train_tiles(real: Path) -> list[np.ndarray]:
     """The real train tiles as 8-bit RGB arrays (height, width, 3), in file-name order."""
-    folder = Path(real) / "images" / "train"
+    folder = layout.images_dir(real, "train")
     paths = sorted(folder.glob("*.png"))
     if not paths:
         raise GenfusionError(f"base_model: no train tiles in {folder}; run the seeds stage first")
@@ -208,16 +210,14 @@ def describe_external(params: DiffusionParams) -> dict:
     return {"base": params.base, "revision": params.revision, "fingerprint": weights_fingerprint(folder)}
 
 
-def main(params_path: Path, real: Path, out: Path) -> None:
+def main(params: Params, *, real: Path, out: Path) -> None:
     """Entry point: paths from dvc.yaml, everything else from params.diffusion."""
-    from genfusion.params import load_params
-
-    params = load_params(params_path).diffusion
-    if params.base != BUILTIN_TINY:
-        source = describe_external(params)
+    settings = params.diffusion
+    if settings.base != BUILTIN_TINY:
+        source = describe_external(settings)
         with fsio.replace_dir(out) as scratch:
             fsio.write_json(scratch / SOURCE_FILE, source)
         return
-    pipe = pretrain_tiny(load_train_tiles(real), params)
+    pipe = pretrain_tiny(load_train_tiles(real), settings)
     with fsio.replace_dir(out) as scratch:
         save_builtin(pipe, scratch)

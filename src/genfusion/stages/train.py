@@ -19,8 +19,9 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from genfusion.params import TrainParams
-from genfusion.yolo import load_yolo
+from genfusion import layout
+from genfusion.integrations.ultralytics import load_yolo
+from genfusion.params import Params, TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def train_args(params: TrainParams, seed: int, counts: dict) -> dict:
 def request_fingerprint(data_yaml: Path, model: str, args: dict) -> str:
     """What makes two training runs the same run, for deciding whether to resume."""
     labels = hashlib.sha256()
-    for label in sorted((data_yaml.parent / "labels" / "train").glob("*.txt")):
+    for label in sorted(layout.labels_dir(data_yaml.parent, "train").glob("*.txt")):
         labels.update(label.name.encode() + b"\0" + label.read_bytes() + b"\0")
     blob = json.dumps(
         {"data": data_yaml.read_text(), "labels": labels.hexdigest(), "model": model, "args": args},
@@ -168,8 +169,5 @@ def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainPara
     return best
 
 
-def main(data_yaml: Path, out: Path, live_out: Path, params_path: Path, seed: int) -> None:
-    from genfusion.params import load_params
-
-    params = load_params(params_path)
-    train_detector(data_yaml, out, live_out, params.train, seed)
+def main(params: Params, *, data: Path, seed: int, out: Path, live: Path) -> None:
+    train_detector(data / layout.DATASET_YAML, out, live, params.train, seed)

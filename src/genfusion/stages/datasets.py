@@ -23,8 +23,10 @@ from pathlib import Path
 
 import yaml
 
-from genfusion import fsio
+from genfusion import fsio, layout
 from genfusion.errors import GenfusionError
+from genfusion.layout import Sources
+from genfusion.params import Params
 
 VARIANTS = ("real", "synthetic", "mixed", "variations")
 
@@ -36,21 +38,10 @@ class TrainImage:
     synthetic: bool
 
 
-@dataclass(frozen=True)
-class Sources:
-    """Where the stage finds each kind of image and label (paths from dvc.yaml)."""
-
-    real: Path
-    generated: Path
-    prelabels: Path
-    annotations: Path
-    variations: Path
-
-
 def real_train(real: Path) -> list[TrainImage]:
     return [
-        TrainImage(image, real / "labels" / "train" / f"{image.stem}.txt", synthetic=False)
-        for image in sorted((real / "images" / "train").glob("*.png"))
+        TrainImage(image, layout.label_file(real, image.stem, "train"), synthetic=False)
+        for image in layout.image_files(real, "train")
     ]
 
 
@@ -64,17 +55,14 @@ def synthetic_train(
     """
     per_subject = []
     for subject in subjects:
-        folder = sources.generated / subject / "images"
+        folder = layout.images_dir(sources.generated / subject)
         if not folder.is_dir():
             raise GenfusionError(f"{folder}: no generated images; run `dvc repro generate@{subject}`")
         per_subject.append(sorted(folder.glob("*.png")))
     labelled, unlabelled = [], []
     for image in interleave(per_subject):
         subject = image.parent.parent.name
-        auto = sources.prelabels / subject / "labels" / f"{image.stem}.txt"
-        manual = sources.annotations / subject / "labels" / f"{image.stem}.txt"
-        candidates = {"auto": [auto], "manual": [manual], "manual_else_auto": [manual, auto]}[label_source]
-        label = next((path for path in candidates if path.is_file()), None)
+        label = layout.generated_label(sources, subject, image.stem, label_source)
         if label is None:
             unlabelled.append(image)
         else:
@@ -89,7 +77,7 @@ def interleave(lists: Sequence[Sequence[Path]]) -> list[Path]:
 
 def variation_train(variations: Path) -> list[TrainImage]:
     """The variations listed in the stage's manifest (the current request, in file order)."""
-    manifest = variations / "manifest.csv"
+    manifest = variations / layout.MANIFEST
     if not manifest.is_file():
         raise GenfusionError(f"{manifest}: missing; run `dvc repro variations`")
     with manifest.open(newline="") as f:
@@ -160,23 +148,23 @@ def write_dataset(
             raise GenfusionError(f"datasets@{variant}: {item.image} and {seen[name]} share the name {name}")
         seen[name] = item.image
     with fsio.replace_dir(out) as tmp:
-        images, labels = tmp / "images" / "train", tmp / "labels" / "train"
+        images, labels = layout.images_dir(tmp, "train"), layout.labels_dir(tmp, "train")
         images.mkdir(parents=True)
         labels.mkdir(parents=True)
         for item in items:
             name = item.image.name
             # Relative to where the link will live once the scratch folder is renamed to `out`.
-            target = os.path.relpath(item.image.resolve(), (out / "images" / "train").resolve())
+            target = os.path.relpath(item.image.resolve(), layout.images_dir(out, "train").resolve())
             os.symlink(target, images / name)
             shutil.copyfile(item.label, labels / f"{Path(name).stem}.txt")
         to_real = Path(os.path.relpath(real.resolve(), out.resolve()))
         splits = {
             "train": "images/train",
-            "val": (to_real / "images" / "val").as_posix(),
-            "test": (to_real / "images" / "test").as_posix(),
+            "val": layout.images_dir(to_real, "val").as_posix(),
+            "test": layout.images_dir(to_real, "test").as_posix(),
         }
         body = yaml.safe_dump(splits | {"names": names}, sort_keys=False)
-        (tmp / "dataset.yaml").write_text(
+        (tmp / layout.DATASET_YAML).write_text(
             f"# YOLO dataset for the {variant!r} variant, written by `genfusion datasets`;"
             " paths are relative to this file.\n" + body
         )
@@ -195,7 +183,7 @@ def build_dataset(
     items, unlabelled = select_train(variant, sources, subjects, label_source, mixed_ratio)
     if task == "segment":
         check_outlines(variant, items)
-    names = yaml.safe_load((sources.real / "dataset.yaml").read_text())["names"]
+    names = yaml.safe_load((sources.real / layout.DATASET_YAML).read_text())["names"]
     counts = {
         "variant": variant,
         "real_images": sum(not item.synthetic for item in items),
@@ -210,10 +198,7 @@ def build_dataset(
     return counts
 
 
-def main(params_path: Path, variant: str, sources: Sources, out: Path) -> dict:
-    from genfusion.params import load_params
-
-    params = load_params(params_path)
+def main(params: Params, *, variant: str, sources: Sources, out: Path) -> dict:
     return build_dataset(
         variant,
         sources,

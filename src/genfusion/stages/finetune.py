@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from genfusion import fsio
+from genfusion import fsio, layout
 from genfusion.errors import GenfusionError
 from genfusion.params import FinetuneParams, SubjectParams
 from genfusion.progress import progress_bar
 
 if TYPE_CHECKING:
     import torch
+
+    from genfusion.params import Params
 
 log = logging.getLogger(__name__)
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -40,7 +42,7 @@ def select_instance_images(
     real: Path, subject: str, spec: SubjectParams, classes: Sequence[str]
 ) -> list[Path]:
     """The real train tiles a subject trains on: by scene, by class present, by file pattern."""
-    with (real / "manifest.csv").open(newline="") as f:
+    with (real / layout.MANIFEST).open(newline="") as f:
         rows = [row for row in csv.DictReader(f) if row["split"] == "train"]
     wanted_ids = {str(classes.index(c)) for c in spec.select.classes}
     chosen = []
@@ -51,7 +53,7 @@ def select_instance_images(
         if not fnmatch.fnmatch(image.name, spec.select.pattern):
             continue
         if wanted_ids:
-            label = real / "labels" / "train" / f"{image.stem}.txt"
+            label = layout.label_file(real, image.stem, "train")
             if not wanted_ids & {line.split()[0] for line in label.read_text().splitlines() if line}:
                 continue
         chosen.append(image)
@@ -199,49 +201,14 @@ def save_finetuned(unet, out: Path, method: str, record: dict) -> None:
         fsio.write_json(tmp / "finetune.json", record)
 
 
-def class_images_main(params_path: Path, subject: str, base: Path, out: Path) -> None:
-    """Stage `class_images@subject`: the base model's images of the class prompt, made once.
-
-    They are the prior-preservation set; as their own DVC output they are reused by every
-    fine-tuning run until the base model, the class prompt or their number changes.
-    """
-    from accelerate import PartialState
-
-    from genfusion.generate import generate, open_generator
-    from genfusion.params import load_params
-    from genfusion.sd import model_fingerprint
-
-    params = load_params(params_path)
-    spec, settings, request = params.subject(subject), params.finetune_for(subject), params.generate
-    state = PartialState()
-    generate(
-        open_generator(params.diffusion, base, None, state),
-        [spec.class_prompt],
-        request.negative_prompt,
-        range(settings.num_class_images),
-        settings.seed,
-        request.guidance,
-        request.steps,
-        params.diffusion.resolution,
-        request.batch,
-        out,
-        subject=f"{subject}-class",
-        fingerprint=model_fingerprint(base, None),
-        scheduler=request.scheduler,
-        state=state,
-    )
-
-
 def main(
-    subject: str, base: Path, real: Path, class_images: Path, out: Path, live_dir: Path, params_path: Path
+    params: Params, *, subject: str, base: Path, real: Path, class_images: Path, out: Path, live: Path
 ) -> None:
     import torch
     from dvclive import Live
 
-    from genfusion.params import load_params
-    from genfusion.sd import load_generator, memory_guard, model_fingerprint
+    from genfusion.diffusion.pipelines import load_generator, memory_guard, model_fingerprint
 
-    params = load_params(params_path)
     spec = params.subject(subject)
     settings = params.finetune_for(subject)
     torch.manual_seed(settings.seed)
@@ -259,7 +226,7 @@ def main(
     instance = encode(pipe, load_pixels(instance_paths, resolution), spec.instance_prompt)
     prior = None
     if settings.num_class_images and settings.prior_loss_weight > 0:
-        class_paths = sorted((class_images / "images").glob("*.png"))[: settings.num_class_images]
+        class_paths = layout.image_files(class_images)[: settings.num_class_images]
         if len(class_paths) < settings.num_class_images:
             raise GenfusionError(
                 f"finetune@{subject}: {class_images} has {len(class_paths)} class images,"
@@ -268,7 +235,7 @@ def main(
             )
         prior = encode(pipe, load_pixels(class_paths, resolution), spec.class_prompt)
 
-    with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+    with Live(str(live), dvcyaml=None, save_dvc_exp=False, report=None) as live:
 
         def log_loss(step: int, loss: float) -> None:
             live.step = step

@@ -21,29 +21,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from genfusion import fsio
-from genfusion.annotations import Box, yolo_line
+from genfusion import fsio, layout
+from genfusion.boxes import Box
+from genfusion.detection import Labels, detect
 from genfusion.errors import GenfusionError
-from genfusion.generate import MANIFEST, read_manifest, write_manifest
+from genfusion.formats.yolo import yolo_line
+from genfusion.layout import IGNORE, MANIFEST
+from genfusion.manifest import read_manifest, write_manifest
 from genfusion.params import PrelabelParams
 from genfusion.progress import progress_bar
 
-IGNORE = 255
+if TYPE_CHECKING:
+    from genfusion.params import Params
+
 PRELABEL_COLUMNS = ("file", "method", "boxes", "scores")
-
-
-@dataclass(frozen=True)
-class Labels:
-    """One image's automatic labels: boxes with scores, and a mask for the attention method."""
-
-    boxes: tuple[Box, ...]
-    scores: tuple[float, ...]
-    mask: np.ndarray | None = None
 
 
 def refine(cross: np.ndarray, self_attention: np.ndarray, exponent: int) -> np.ndarray:
@@ -118,54 +115,6 @@ def attention_labels(
     return Labels(tuple(boxes), tuple(box_scores), mask)
 
 
-def detect(
-    weights: Path,
-    images: Sequence[Path],
-    names: Sequence[str],
-    settings: PrelabelParams,
-    imgsz: int,
-    device: str,
-) -> list[Labels]:
-    """Boxes the detector finds with confidence >= prelabel.conf, per image."""
-    from genfusion.yolo import load_yolo
-
-    if not Path(weights).is_file():
-        raise GenfusionError(
-            f"{weights}: detector weights not found; train it first (`dvc repro train@real-<seed>`)"
-            " or set prelabel.method: attention"
-        )
-    model = load_yolo(weights)
-    found = []
-    for path in progress_bar(images, f"detect ({len(images)} images)"):
-        result = model.predict(
-            str(path), conf=settings.conf, iou=settings.iou, imgsz=imgsz, device=device, verbose=False
-        )[0]
-        xyxy = result.boxes.xyxy.cpu().numpy()
-        classes = result.boxes.cls.cpu().numpy().astype(int)
-        confidences = result.boxes.conf.cpu().numpy()
-        # A segmentation model (task: segment) also gives each object's outline.
-        outlines = result.masks.xy if result.masks is not None else [None] * len(xyxy)
-        order = np.argsort(-confidences, kind="stable")
-        found.append(
-            Labels(
-                tuple(detected_object(names[classes[i]], xyxy[i], outlines[i]) for i in order),
-                tuple(round(float(confidences[i]), 4) for i in order),
-            )
-        )
-    return found
-
-
-def detected_object(name: str, xyxy: np.ndarray, outline: np.ndarray | None) -> Box:
-    """A detection as a label; a segmentation model's with its outline (the box's own outline
-    when the mask is too small to trace at the model's mask resolution)."""
-    box = Box(name, *map(float, xyxy))
-    if outline is None:
-        return box
-    if len(outline) < 3:
-        return replace(box, polygon=box.corners)
-    return replace(box, polygon=tuple((float(x), float(y)) for x, y in outline))
-
-
 def write_labels(
     out: Path,
     stems: Sequence[str],
@@ -182,7 +131,7 @@ def write_labels(
     with fsio.replace_dir(out) as scratch:
         for stem, found, (width, height) in zip(stems, labels, sizes, strict=True):
             lines = [yolo_line(box, names.index(box.label), width, height, task) for box in found.boxes]
-            fsio.write_text(scratch / "labels" / f"{stem}.txt", "".join(f"{line}\n" for line in lines))
+            fsio.write_text(layout.label_file(scratch, stem), "".join(f"{line}\n" for line in lines))
             if found.mask is not None:
                 fsio.write_png(scratch / "masks" / f"{stem}.png", Image.fromarray(found.mask))
             rows.append(
@@ -196,12 +145,10 @@ def write_labels(
         write_manifest(scratch / MANIFEST, PRELABEL_COLUMNS, rows)
 
 
-def main(params_path: Path, subject: str, generated: Path, weights: Path, out: Path) -> None:
+def main(params: Params, *, subject: str, generated: Path, weights: Path, out: Path) -> None:
     """Entry point: label every image listed in `generated`'s manifest."""
     from genfusion.images import read_header
-    from genfusion.params import load_params
 
-    params = load_params(params_path)
     settings = params.prelabel
     rows = read_manifest(generated / MANIFEST)
     if not rows:

@@ -21,7 +21,10 @@ from genfusion.errors import GenfusionError
 
 if TYPE_CHECKING:
     import torch
+    from accelerate import PartialState
     from diffusers import StableDiffusionPipeline
+
+    from genfusion.params import DiffusionParams
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +150,11 @@ def resolve_source(source: str, revision: str | None) -> Path:
         )
     try:
         return Path(snapshot_download(source, revision=revision, local_files_only=True))
-    except HFValidationError:
+    except HFValidationError as exc:
         raise GenfusionError(
             f"diffusion.base: {source!r}: no such folder, and not a Hugging Face hub id (owner/name)"
-        ) from None
-    except OSError:
+        ) from exc
+    except OSError as exc:
         name = source.rsplit("/", 1)[-1]
         raise GenfusionError(
             f"diffusion.base: {source!r} (revision {revision or 'main'}) is not a local folder and not in"
@@ -159,7 +162,7 @@ def resolve_source(source: str, revision: str | None) -> Path:
             f" On a machine with internet run `hf download {source} --local-dir models/checkpoints/{name}`"
             f" (`huggingface-cli download` in older huggingface_hub), bring that folder here and set"
             f" diffusion.base: models/checkpoints/{name}"
-        ) from None
+        ) from exc
 
 
 def load_pipeline(
@@ -173,13 +176,13 @@ def load_pipeline(
     index = folder / "model_index.json"
     try:
         class_name = json.loads(index.read_text())["_class_name"]
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise GenfusionError(
             f"diffusion.base: {folder} is not a diffusers pipeline folder (no model_index.json);"
             " save one with `pipeline.save_pretrained(folder)` or download a checkpoint in diffusers format"
-        ) from None
+        ) from exc
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise GenfusionError(f"{index}: not a diffusers model index ({exc!r})") from None
+        raise GenfusionError(f"{index}: not a diffusers model index ({exc!r})") from exc
     if class_name != SUPPORTED_PIPELINE:
         raise GenfusionError(
             f"diffusion.base: {folder} holds a {class_name}; only {SUPPORTED_PIPELINE} checkpoints"
@@ -190,12 +193,12 @@ def load_pipeline(
             folder, dtype=torch_dtype(dtype), local_files_only=True
         )
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise GenfusionError(f"diffusion.base: cannot load the pipeline in {folder}: {exc}") from None
+        raise GenfusionError(f"diffusion.base: cannot load the pipeline in {folder}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
     try:
         return pipe.to(device)
     except RuntimeError as exc:
-        raise GenfusionError(f"diffusion.device: cannot use device {device!r}: {exc}") from None
+        raise GenfusionError(f"diffusion.device: cannot use device {device!r}: {exc}") from exc
 
 
 def _file_sha256(path: Path) -> str:
@@ -223,22 +226,22 @@ def read_source(base_dir: Path) -> dict:
     path = Path(base_dir) / SOURCE_FILE
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise GenfusionError(
             f"{path}: missing; run the base_model stage first (`dvc repro base_model`)"
-        ) from None
+        ) from exc
     except json.JSONDecodeError as exc:
-        raise GenfusionError(f"{path}: not valid JSON ({exc})") from None
+        raise GenfusionError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def read_finetune(finetuned_dir: Path) -> dict:
     path = Path(finetuned_dir) / FINETUNE_FILE
     try:
         info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise GenfusionError(f"{path}: missing; not a fine-tuned subject folder") from None
+    except FileNotFoundError as exc:
+        raise GenfusionError(f"{path}: missing; not a fine-tuned subject folder") from exc
     except json.JSONDecodeError as exc:
-        raise GenfusionError(f"{path}: not valid JSON ({exc})") from None
+        raise GenfusionError(f"{path}: not valid JSON ({exc})") from exc
     if info.get("method") not in ("lora", "full"):
         raise GenfusionError(f"{path}: method must be 'lora' or 'full', got {info.get('method')!r}")
     return info
@@ -262,7 +265,7 @@ def apply_finetune(pipe: StableDiffusionPipeline, finetuned_dir: Path) -> None:
             )
             pipe.unet = unet.to(pipe.device)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise GenfusionError(f"{finetuned_dir}: cannot load the {method} fine-tune: {exc}") from None
+        raise GenfusionError(f"{finetuned_dir}: cannot load the {method} fine-tune: {exc}") from exc
 
 
 def load_generator(
@@ -323,7 +326,7 @@ def render_prompt(template: str, key: str, **values: str) -> str:
         return template.format(**values)
     except (KeyError, IndexError, ValueError) as exc:
         known = ", ".join(f"{{{k}}}" for k in values)
-        raise GenfusionError(f"{key}: cannot fill {template!r} ({exc!r}); placeholders: {known}") from None
+        raise GenfusionError(f"{key}: cannot fill {template!r} ({exc!r}); placeholders: {known}") from exc
 
 
 @contextmanager
@@ -339,4 +342,20 @@ def memory_guard(stage: str, batch_key: str) -> Iterator[None]:
         raise GenfusionError(
             f"{stage}: out of memory ({str(exc).splitlines()[0]}); lower {batch_key}, set"
             " diffusion.attention_slicing: true, or lower diffusion.resolution"
-        ) from None
+        ) from exc
+
+
+def check_resolution(resolution: int) -> None:
+    if resolution % 8:
+        raise GenfusionError(
+            f"diffusion.resolution: must be a multiple of 8 (the autoencoder's stride), got {resolution}"
+        )
+
+
+def open_generator(
+    diffusion: DiffusionParams, base_dir: Path, finetuned_dir: Path | None, state: PartialState
+) -> StableDiffusionPipeline:
+    """The stage's generator on its device: diffusion.device, or each process's own GPU under
+    `accelerate launch`."""
+    device = str(state.device) if state.num_processes > 1 else diffusion.device
+    return load_generator(base_dir, finetuned_dir, diffusion.dtype, device, diffusion.attention_slicing)

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import yaml
 
-from genfusion import fsio
-from genfusion.annotations import Box, LabelledImage, yolo_line
+from genfusion import fsio, layout
+from genfusion.boxes import Box, LabelledImage
 from genfusion.errors import GenfusionError
+from genfusion.formats.yolo import yolo_line
 from genfusion.images import open_image, read_header, to_rgb
-from genfusion.params import SPLITS, SeedsParams
+from genfusion.params import SPLITS, Params, SeedsParams
 from genfusion.progress import progress_bar
 from genfusion.tiling import Window, assign_splits, boxes_in_window, exif_box, tile_windows
 
@@ -163,8 +164,8 @@ def write_dataset(
             by_scene.setdefault(tile.scene.image, []).append((split, tile))
     with fsio.replace_dir(out) as tmp:
         for split in SPLITS:
-            (tmp / "images" / split).mkdir(parents=True)
-            (tmp / "labels" / split).mkdir(parents=True)
+            layout.images_dir(tmp, split).mkdir(parents=True)
+            layout.labels_dir(tmp, split).mkdir(parents=True)
         for source, split_tiles_ in progress_bar(by_scene.items(), "seeds: tiling", total=len(by_scene)):
             with open_image(source) as raw:
                 pixels, conversion = to_rgb(raw, source)
@@ -172,9 +173,9 @@ def write_dataset(
                 counts[f"converted_{conversion}"] += 1
             for split, tile in split_tiles_:
                 w = tile.window
-                pixels.crop((w.x0, w.y0, w.x1, w.y1)).save(tmp / "images" / split / f"{tile.name}.png")
+                pixels.crop((w.x0, w.y0, w.x1, w.y1)).save(layout.images_dir(tmp, split) / f"{tile.name}.png")
                 lines = [yolo_line(b, classes.index(b.label), w.width, w.height, task) for b in tile.boxes]
-                (tmp / "labels" / split / f"{tile.name}.txt").write_text("".join(f"{x}\n" for x in lines))
+                layout.label_file(tmp, tile.name, split).write_text("".join(f"{x}\n" for x in lines))
                 counts["written"] += len(tile.boxes)
         for split in SPLITS:
             for tile in sorted(splits[split], key=lambda t: t.name):
@@ -191,8 +192,8 @@ def write_dataset(
                         w.y0,
                     ]
                 )
-        (tmp / "manifest.csv").write_text(manifest.getvalue())
-        (tmp / "dataset.yaml").write_text(dataset_yaml(classes))
+        (tmp / layout.MANIFEST).write_text(manifest.getvalue())
+        (tmp / layout.DATASET_YAML).write_text(dataset_yaml(classes))
 
 
 def import_report(scenes: Sequence[Scene], splits: dict[str, list[Tile]], counts: Counter) -> dict:
@@ -245,12 +246,9 @@ def run_seeds(
     return report
 
 
-def main(params_path: Path, out: Path, report_path: Path) -> None:
+def main(params: Params, *, out: Path, report: Path) -> None:
     """Entry point: paths from dvc.yaml, everything else from params."""
     from genfusion.formats import read_annotations
-    from genfusion.params import load_params
 
-    params = load_params(params_path)
     items = read_annotations(params.seeds.source, params.seeds.format)
-    report = run_seeds(items, params.seeds, params.classes, out, params.task)
-    fsio.write_json(report_path, report)
+    fsio.write_json(report, run_seeds(items, params.seeds, params.classes, out, params.task))

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from genfusion import fsio
+from genfusion import fsio, layout
 from genfusion.errors import GenfusionError
-from genfusion.params import EvaluateParams, TrainParams
-from genfusion.yolo import load_yolo
+from genfusion.integrations.ultralytics import load_yolo
+from genfusion.params import EvaluateParams, Params, TrainParams
 
 # The PR curve is kept at 101 recall points (COCO's own sampling), enough for a plot.
 PR_POINTS = np.linspace(0.0, 1.0, 101)
@@ -79,14 +79,9 @@ def evaluate_detector(
     return metrics, pr_curve_csv(np.asarray(box.px), precision)
 
 
-def main(
-    weights: Path, data_dir: Path, out: Path, pr_out: Path, params_path: Path, variant: str, seed: int
-) -> None:
-    from genfusion.params import load_params
-
-    params = load_params(params_path)
-    metrics, pr_csv = evaluate_detector(weights, data_dir / "dataset.yaml", params.train, params.evaluate)
-    counts = json.loads((data_dir / "counts.json").read_text())
+def main(params: Params, *, weights: Path, data: Path, variant: str, seed: int, out: Path, pr: Path) -> None:
+    metrics, pr_csv = evaluate_detector(weights, data / layout.DATASET_YAML, params.train, params.evaluate)
+    counts = json.loads((data / "counts.json").read_text())
     record = {
         "variant": variant,
         "seed": seed,
@@ -95,5 +90,5 @@ def main(
         "train_images": counts["train_images"],
         "synthetic_images": counts["synthetic_images"],
     }
-    fsio.write_text(pr_out, pr_csv)
+    fsio.write_text(pr, pr_csv)
     fsio.write_json(out, record)

@@ -1,0 +1,2 @@
+"""`genfusion` commands that are not pipeline stages: people's labels in Label Studio,
+experiments and sweeps, the FiftyOne App."""

@@ -1,0 +1,240 @@
+"""`genfusion annotate serve | push | pull`: people check and correct the automatic labels in
+Label Studio, and their labels come back versioned by DVC.
+
+- serve: Label Studio in its own venv (its pins clash with this project's), on 127.0.0.1,
+  with its database under `annotate.home` (git-ignored) and no outside calls.
+- push: one project per subject, labelling config from the params classes (rectangles, or
+  polygons for `task: segment`); one task per generated image, keyed by subject and file
+  name so that pushing again adds nothing; the automatic labels as predictions; images
+  served from this folder through Label Studio's local-file storage.
+- pull: the export in, `data/annotations/<subject>/` out (YOLO labels of every image a
+  person finished, and a manifest), written atomically and `dvc add`-ed, with a summary and
+  the labels that changed since the last pull.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from genfusion import fsio, layout
+from genfusion.errors import GenfusionError
+from genfusion.formats.label_studio import Prediction, label_config, read_export, task_json
+from genfusion.formats.yolo import read_label_file
+from genfusion.integrations.label_studio import (
+    LabelStudio,
+    check_port_free,
+    client,
+    credentials,
+    server_command,
+    server_env,
+    server_executable,
+    url_port,
+)
+from genfusion.params import AnnotateParams, Params
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ("file", "task", "annotation", "updated_at", "boxes")
+
+
+def label_changes(before: Mapping[str, str], after: Mapping[str, str]) -> dict[str, list[str]]:
+    """Image stems whose people's labels are new, changed or gone since the previous pull."""
+    return {
+        "new": sorted(set(after) - set(before)),
+        "changed": sorted(k for k in set(after) & set(before) if after[k] != before[k]),
+        "removed": sorted(set(before) - set(after)),
+    }
+
+
+def project_title(settings: AnnotateParams, subject: str) -> str:
+    return settings.project.format(subject=subject)
+
+
+# --- push / pull ---------------------------------------------------------------------------
+
+
+def push(
+    server: LabelStudio,
+    title: str,
+    subject: str,
+    generated: Path,
+    prelabels: Path,
+    classes: Sequence[str],
+    task: str,
+    document_root: Path,
+) -> dict:
+    """Create or update the subject's project and import the images it lacks; a summary back."""
+    from genfusion.images import read_header
+    from genfusion.layout import MANIFEST
+    from genfusion.manifest import read_manifest
+
+    images = layout.image_files(generated)
+    if not images:
+        raise GenfusionError(
+            f"{generated / 'images'}: no generated images; run `dvc repro generate@{subject}`"
+        )
+    root = document_root.resolve()
+    folder = layout.images_dir(generated).resolve()
+    if not folder.is_relative_to(root):
+        raise GenfusionError(
+            f"{folder} is not under annotate.document_root {root}; Label Studio serves only files there"
+        )
+    auto = {Path(row["file"]).stem: row for row in read_manifest(prelabels / MANIFEST).values()}
+    if not auto:
+        log.warning("%s: no automatic labels; the tasks get no predictions", prelabels)
+    project = server.ensure_project(title, label_config(classes, task))
+    server.ensure_storage(project, str(folder))
+    existing = server.task_keys(project)
+    new = []
+    for image in images:
+        key = f"{subject}/{image.name}"
+        if key in existing:
+            continue
+        url = f"/data/local-files/?d={image.resolve().relative_to(root).as_posix()}"
+        size = read_header(image).size
+        row = auto.get(image.stem)
+        prediction = None
+        if row is not None:
+            boxes = read_label_file(prelabels / row["file"], classes, size)
+            prediction = Prediction(boxes, json.loads(row["scores"]), row["method"])
+        new.append(task_json(key, url, size, task, prediction))
+    server.import_tasks(project, new)
+    return {"project": project, "title": title, "images": len(images), "added": len(new)}
+
+
+def pull(
+    server: LabelStudio, title: str, generated: Path, out: Path, classes: Sequence[str], task: str
+) -> dict:
+    """Write people's labels for the subject to `out` (replaced whole, only when all is read);
+    the summary and the changes against the previous pull back."""
+    from genfusion.manifest import write_manifest
+
+    project = server.project(title)
+    if project is None:
+        raise GenfusionError(
+            f"Label Studio at {server.url} has no project {title!r}; push first (`genfusion annotate push`)"
+        )
+    tasks = server.export(project)
+    if not tasks:
+        raise GenfusionError(f"Label Studio project {title!r} is empty: push the images first")
+    pulled = read_export(tasks, f"{server.url} project {title!r}", layout.images_dir(generated), classes, task)
+    before = {p.stem: p.read_text() for p in sorted(layout.labels_dir(out).glob("*.txt"))}
+    changes = label_changes(before, pulled.labels)
+    with fsio.replace_dir(out) as scratch:
+        layout.labels_dir(scratch).mkdir()
+        for stem, text in pulled.labels.items():
+            (layout.label_file(scratch, stem)).write_text(text)
+        write_manifest(
+            scratch / layout.MANIFEST, MANIFEST_COLUMNS, sorted(pulled.rows, key=lambda r: r["file"])
+        )
+    return {
+        "project": title,
+        "tasks": len(tasks),
+        "annotated": len(pulled.labels),
+        "skipped": len(pulled.skipped),
+        "open": len(pulled.open),
+        **{f"{kind}_labels": names for kind, names in changes.items()},
+    }
+
+
+def version_with_dvc(folder: Path) -> bool:
+    """`dvc add` the folder when it lies in a DVC project (False when it does not), so that
+    every pulled version of people's work stays in DVC's cache."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        root = Repo.find_root(str(folder.parent))
+    except NotDvcRepoError:
+        return False
+    with Repo(root) as repo:
+        repo.add(str(folder.resolve()))
+    return True
+
+
+def keep_previous(out: Path) -> None:
+    """Record the labels already in `out` in DVC before a pull replaces them: people's work
+    that was never `dvc add`-ed (a pull outside DVC, hand edits) is then not lost."""
+    if out.is_dir() and any(out.iterdir()):
+        version_with_dvc(out)
+
+
+def summary_text(summary: dict) -> str:
+    lines = [
+        f"{summary['project']}: {summary['tasks']} tasks: {summary['annotated']} annotated,"
+        f" {summary['skipped']} skipped (cancelled), {summary['open']} still open"
+    ]
+    for kind in ("new", "changed", "removed"):
+        names = summary[f"{kind}_labels"]
+        if names:
+            shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+            lines.append(f"{kind} labels since the last pull ({len(names)}): {shown}")
+    return "\n".join(lines)
+
+
+# --- serve ---------------------------------------------------------------------------------
+
+
+def serve_main(params: Params, *, port: int | None) -> None:
+    """Run the local server in the foreground until Ctrl-C."""
+    settings = params.annotate
+    port = port or url_port(settings.url)
+    home = Path(settings.home)
+    env = server_env(home, Path(settings.document_root or "."), credentials())
+    exe = server_executable(home)
+    check_port_free(port)
+    log.info("Label Studio on http://127.0.0.1:%d (data in %s); Ctrl-C stops it", port, home / "data")
+    log.info(
+        "on a remote machine: ssh -L %d:127.0.0.1:%d <this machine>, then open http://127.0.0.1:%d",
+        port,
+        port,
+        port,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        subprocess.run(server_command(exe, port), env=env, check=False)
+
+
+def push_main(params: Params, *, subject: str, generated: Path, prelabels: Path) -> dict:
+    params.subject(subject)  # an unknown subject is an error naming the known ones
+    settings = params.annotate
+    summary = push(
+        client(settings),
+        project_title(settings, subject),
+        subject,
+        generated / subject,
+        prelabels / subject,
+        params.classes,
+        params.task,
+        Path(settings.document_root or "."),
+    )
+    log.info(
+        "%s: %d images, %d new tasks (project %s)",
+        summary["title"],
+        summary["images"],
+        summary["added"],
+        summary["project"],
+    )
+    return summary
+
+
+def pull_main(params: Params, *, subject: str, generated: Path, annotations: Path) -> dict:
+    params.subject(subject)
+    settings = params.annotate
+    out = annotations / subject
+    server = client(settings)
+    keep_previous(out)
+    summary = pull(
+        server, project_title(settings, subject), generated / subject, out, params.classes, params.task
+    )
+    versioned = version_with_dvc(out)
+    log.info(summary_text(summary))
+    if versioned:
+        log.info("%s is versioned by DVC: commit %s.dvc to git", out, out)
+    else:
+        log.info("%s is not in a DVC project: nothing versions it", out)
+    return summary

@@ -1,0 +1,54 @@
+"""`genfusion exp` (a profile's params as `dvc exp run -S` overrides) and `genfusion sweep` (AP50
+against synthetic images over every experiment DVC knows)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+from genfusion import fsio
+from genfusion.errors import GenfusionError
+from genfusion.figures import synthetic_figure, synthetic_points
+from genfusion.params import profile_overrides
+
+
+def exp_main(profile: Path, params_path: Path, *, name: str | None, queue: bool, dry_run: bool) -> int:
+    """Run (or queue, or print) `dvc exp run` with the profile's params as overrides."""
+    command = ["dvc", "exp", "run", *(["--queue"] if queue else []), *(["-n", name] if name else [])]
+    for override in profile_overrides(profile, params_path):
+        command += ["-S", override]
+    if dry_run:
+        print(shlex.join(command))
+        return 0
+    return subprocess.run(command).returncode
+
+
+def experiment_summaries(shown: object) -> list[dict]:
+    """Every `metrics/summary.json` in `dvc exp show --json` output (workspace, commits and
+    their experiments)."""
+    found = []
+    if isinstance(shown, dict):
+        metrics = (shown.get("data") or {}).get("metrics") or {}
+        summary = (metrics.get("metrics/summary.json") or {}).get("data")
+        if summary:
+            found.append(summary)
+        for value in shown.values():
+            found += experiment_summaries(value)
+    elif isinstance(shown, list):
+        for value in shown:
+            found += experiment_summaries(value)
+    return found
+
+
+def sweep_main(out: Path) -> None:
+    """`reports/sweep.png`: AP50 against synthetic images over every experiment DVC knows."""
+    done = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+    if done.returncode:
+        raise GenfusionError(f"sweep: `dvc exp show --json` failed: {done.stderr.strip()}")
+    summaries = experiment_summaries(json.loads(done.stdout))
+    points = [point for summary in summaries for point in synthetic_points(summary)]
+    if not points:
+        raise GenfusionError("sweep: no experiment has metrics/summary.json yet; run `dvc exp run` first")
+    fsio.write_png(out, synthetic_figure(sorted(set(points))))

