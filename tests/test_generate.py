@@ -194,8 +194,17 @@ def test_killed_run_resumes_to_the_same_files(base_dir: Path, tmp_path: Path) ->
     made = sorted(p.name for p in (out / "images").glob("*.png"))
     assert 0 < len(made) < 8, "the run was not interrupted mid-way"
 
-    generate_stage.main(load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=out)
-    generate_stage.main(load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=tmp_path / "uninterrupted")
+    generate_stage.main(
+        load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=out
+    )
+    generate_stage.main(
+        load_params(params),
+        subject="canopy",
+        base=base_dir,
+        finetuned=None,
+        real=tmp_path,
+        out=tmp_path / "uninterrupted",
+    )
     assert contents(out) == contents(tmp_path / "uninterrupted")
     assert not [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
     for image in (out / "images").iterdir():
@@ -209,11 +218,25 @@ def test_match_real_counts_the_real_train_tiles(base_dir: Path, tmp_path: Path) 
     data["generate"]["n"] = "match_real"
     params.write_text(yaml.safe_dump(data))
     with pytest.raises(GenfusionError, match="generate.n: match_real, but .* holds no tiles"):
-        generate_stage.main(load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path / "real", out=tmp_path / "out")
+        generate_stage.main(
+            load_params(params),
+            subject="canopy",
+            base=base_dir,
+            finetuned=None,
+            real=tmp_path / "real",
+            out=tmp_path / "out",
+        )
     (tmp_path / "real" / "images" / "train").mkdir(parents=True)
     for name in ("a", "b", "c"):
         Image.new("RGB", (40, 40)).save(tmp_path / "real" / "images" / "train" / f"{name}.png")
-    generate_stage.main(load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path / "real", out=tmp_path / "out")
+    generate_stage.main(
+        load_params(params),
+        subject="canopy",
+        base=base_dir,
+        finetuned=None,
+        real=tmp_path / "real",
+        out=tmp_path / "out",
+    )
     assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 3
 
 
@@ -236,3 +259,18 @@ def test_bad_requests_are_refused_before_any_work(pipe, tmp_path: Path, caplog) 
     ]:
         with pytest.raises(GenfusionError, match=problem):
             parse_params(params | section)
+
+
+def test_an_unreadable_manifest_is_an_error_naming_it_and_generate_remakes_its_images(
+    pipe, tmp_path: Path
+) -> None:
+    from genfusion.manifest import read_manifest
+
+    run(pipe, tmp_path / "out", 2)
+    manifest = tmp_path / "out" / MANIFEST
+    manifest.write_bytes(b"\xff\xfe not a manifest")
+    with pytest.raises(GenfusionError, match=f"{manifest}: unreadable manifest"):
+        read_manifest(manifest)
+    # For the image runner the manifest is only resume state: the images are made again.
+    rows = run(pipe, tmp_path / "out", 2)
+    assert read_manifest(manifest) == {row["file"]: row for row in rows}

@@ -175,7 +175,10 @@ def test_params_yaml_writes_out_the_code_defaults() -> None:
 
     written = yaml.safe_load((ROOT / "params.yaml").read_text())
     # What only the project can say (its classes, its seeds, its subjects) has no default.
-    project = {"classes": written["classes"], "seeds": {k: written["seeds"][k] for k in ("source", "class_map")}}
+    project = {
+        "classes": written["classes"],
+        "seeds": {k: written["seeds"][k] for k in ("source", "class_map")},
+    }
     defaults = flatten(Params.model_validate(project).model_dump(mode="json"))
     given = flatten(Params.model_validate(written).model_dump(mode="json"))
     drift = {
@@ -184,3 +187,26 @@ def test_params_yaml_writes_out_the_code_defaults() -> None:
         if not key.startswith("subjects") and defaults.get(key) != given.get(key)
     }
     assert not drift, f"params.yaml and genfusion.params disagree (default, params.yaml): {drift}"
+
+
+@pytest.mark.parametrize("debug", [[], ["-v"], ["GENFUSION_DEBUG=1"]])
+def test_an_error_is_one_line_and_debug_shows_its_original_traceback(
+    tmp_path: Path, debug: list[str]
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    flags = [d for d in debug if d.startswith("-")]
+    env = {k: v for k, v in os.environ.items() if k != "GENFUSION_DEBUG"}
+    env |= dict(d.split("=") for d in debug if "=" in d)
+    done = subprocess.run(
+        [sys.executable, "-m", "genfusion.cli", *flags, "params", "--params", str(tmp_path / "none.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 2
+    assert f"error: {tmp_path / 'none.yaml'}: params file not found" in done.stderr
+    # The cause (a FileNotFoundError) is shown only when asked for.
+    assert ("Traceback" in done.stderr and "FileNotFoundError" in done.stderr) == bool(debug)

@@ -142,17 +142,28 @@ def test_prelabel_stage_writes_one_label_file_and_mask_per_image(base_dir: Path,
         tmp_path, 3, {"method": "attention", "min_box_area": 2}
     )  # map_size auto: 8 at 32 px
     generated, out = tmp_path / "generated", tmp_path / "prelabels"
-    generate_stage.main(load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=generated)
+    generate_stage.main(
+        load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=generated
+    )
     rows = read_rows(generated / "manifest.csv")
     assert rows[0]["prompt"] == "an aerial photo of tree crowns; tree"  # the prompt actually used
     assert sorted(p.name for p in (generated / "attention").iterdir()) == [
         f"canopy_{i:05d}.npz" for i in range(3)
     ]
     first = (generated / "attention" / "canopy_00000.npz").read_bytes()
-    generate_stage.main(load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=tmp_path / "again")
+    generate_stage.main(
+        load_params(params),
+        subject="canopy",
+        base=base_dir,
+        finetuned=None,
+        real=tmp_path,
+        out=tmp_path / "again",
+    )
     assert (tmp_path / "again" / "attention" / "canopy_00000.npz").read_bytes() == first
 
-    prelabel.main(load_params(params), subject="canopy", generated=generated, weights=tmp_path / "no.pt", out=out)
+    prelabel.main(
+        load_params(params), subject="canopy", generated=generated, weights=tmp_path / "no.pt", out=out
+    )
     stems = [f"canopy_{i:05d}" for i in range(3)]
     assert sorted(p.stem for p in (out / "labels").iterdir()) == stems
     assert sorted(p.stem for p in (out / "masks").iterdir()) == stems
@@ -170,7 +181,14 @@ def test_prelabel_stage_writes_one_label_file_and_mask_per_image(base_dir: Path,
 
     # Images made without capture have no maps: the stage says how to get them.
     plain = tiny_project(tmp_path / "plain", 1, {"method": "detector"})
-    generate_stage.main(load_params(plain), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=tmp_path / "plain-gen")
+    generate_stage.main(
+        load_params(plain),
+        subject="canopy",
+        base=base_dir,
+        finetuned=None,
+        real=tmp_path,
+        out=tmp_path / "plain-gen",
+    )
     assert not (tmp_path / "plain-gen" / "attention").exists()
     with pytest.raises(GenfusionError, match="no attention maps; .* rerun `dvc repro generate@canopy`"):
         prelabel.main(
@@ -271,7 +289,14 @@ def test_detector_prelabels_are_valid_yolo_files(neon_seeds: Path, base_dir: Pat
     genfusion(tmp_path, "datasets", "real", "--real", "data/real", "--out", "data/datasets/real")
     genfusion(tmp_path, "train", "--data", "data/datasets/real", "--out", "det", "--live", "live")
     weights = tmp_path / "det/weights/best.pt"
-    generate_stage.main(load_params(params_path), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=tmp_path / "generated/canopy")
+    generate_stage.main(
+        load_params(params_path),
+        subject="canopy",
+        base=base_dir,
+        finetuned=None,
+        real=tmp_path,
+        out=tmp_path / "generated/canopy",
+    )
     genfusion(
         tmp_path,
         "prelabel",

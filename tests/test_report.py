@@ -47,9 +47,7 @@ def test_markdown_table_shows_every_row_and_the_delta() -> None:
     lines = table.splitlines()
     assert lines[0] == "| variant | model | seeds | train images | AP@0.5:0.95 | AP50 | AP75 |"
     assert "| real | yolov8n | 1 | 20 | 0.300 | 0.600 | 0.200 |" in lines
-    assert (
-        "| mixed | yolov8n | 1 | 20 | 0.500 (+0.200) | 0.900 (+0.300) | 0.500 (+0.300) |" in lines
-    )
+    assert "| mixed | yolov8n | 1 | 20 | 0.500 (+0.200) | 0.900 (+0.300) | 0.500 (+0.300) |" in lines
 
 
 def test_missing_evaluation_names_the_file_and_the_stage(tmp_path: Path) -> None:

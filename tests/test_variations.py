@@ -46,7 +46,9 @@ def pipe(workspace: Path):
 
 
 def vary(pipe, sources, out: Path, **changes) -> list[dict[str, str]]:
-    settings = TINY | {"guidance": 2.0, "prompt": "an aerial photo of tree crowns", "resolution": 32} | changes
+    settings = (
+        TINY | {"guidance": 2.0, "prompt": "an aerial photo of tree crowns", "resolution": 32} | changes
+    )
     prompt, resolution = settings.pop("prompt"), settings.pop("resolution")
     return make_variations(
         pipe,
@@ -67,7 +69,11 @@ def manifest(out: Path) -> list[dict[str, str]]:
 def test_stage_varies_every_train_tile_and_carries_its_boxes(workspace: Path) -> None:
     real, out = workspace / "data/real", workspace / "data/variations"
     variations_stage.main(
-        load_params(workspace / "params.yaml"), base=workspace / "models/base", finetuned=None, real=real, out=out
+        load_params(workspace / "params.yaml"),
+        base=workspace / "models/base",
+        finetuned=None,
+        real=real,
+        out=out,
     )
     sources = source_pairs(real)
     rows = manifest(out)

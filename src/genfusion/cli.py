@@ -39,7 +39,8 @@ def _debug() -> bool:
 @app.callback()
 def _setup(
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help=f"Debug logging, and full tracebacks (also {DEBUG_VAR}=1).")
+        bool,
+        typer.Option("--verbose", "-v", help=f"Debug logging, and full tracebacks (also {DEBUG_VAR}=1)."),
     ] = False,
 ) -> None:
     from rich.logging import RichHandler

@@ -28,7 +28,6 @@ PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -122,7 +122,9 @@ def pull(
     tasks = server.export(project)
     if not tasks:
         raise GenfusionError(f"Label Studio project {title!r} is empty: push the images first")
-    pulled = read_export(tasks, f"{server.url} project {title!r}", layout.images_dir(generated), classes, task)
+    pulled = read_export(
+        tasks, f"{server.url} project {title!r}", layout.images_dir(generated), classes, task
+    )
     before = {p.stem: p.read_text() for p in sorted(layout.labels_dir(out).glob("*.txt"))}
     changes = label_changes(before, pulled.labels)
     with fsio.replace_dir(out) as scratch:

@@ -120,7 +120,9 @@ def text_to_image(
             ).images
 
     def render_with_maps(chunk: list[ImageJob]) -> list[tuple[Image.Image, dict[str, bytes]]]:
-        with capture_attention(pipe, attention, [positions[job.prompt] for job in chunk], sampler.steps) as recorder:
+        with capture_attention(
+            pipe, attention, [positions[job.prompt] for job in chunk], sampler.steps
+        ) as recorder:
             images = call(chunk)
         maps = recorder.maps()
         return [

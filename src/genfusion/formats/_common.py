@@ -61,8 +61,6 @@ def _no_label_error(images: Sequence[Path], hint: str) -> GenfusionError:
     )
 
 
-
-
 def _number(value: Any, where: str) -> float:
     """`value` as a finite float; `where` names the file and field for the error."""
     try:

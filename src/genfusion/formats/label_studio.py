@@ -33,9 +33,7 @@ def read(source: Path) -> list[LabelledImage]:
             f"{path}: not a Label Studio JSON export: expected a list of tasks,"
             f" got a JSON {type(tasks).__name__}"
         )
-    items = (
-        read_task(task, index, str(path), path.parent, path) for index, task in enumerate(tasks)
-    )
+    items = (read_task(task, index, str(path), path.parent, path) for index, task in enumerate(tasks))
     return [item for item in items if item is not None]
 
 

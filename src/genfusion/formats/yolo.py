@@ -110,6 +110,7 @@ def _read_yolo_label(label: Path, image: Path, names: list[str]) -> LabelledImag
     size = read_header(image).size
     return LabelledImage(image, tuple(read_label_file(label, names, size)), size, label)
 
+
 def yolo_line(box: Box, class_id: int, width: int, height: int, task: str = "detect") -> str:
     """`class cx cy w h`, or for the segment task `class x1 y1 x2 y2 ...` (the outline), normalised
     to the image size (Ultralytics' txt formats; its detector reads boxes off outlines too)."""

@@ -137,7 +137,7 @@ def check_outlines(variant: str, items: Sequence[TrainImage]) -> None:
                 )
 
 
-def write_dataset(
+def write_variant_dataset(
     variant: str, items: Sequence[TrainImage], real: Path, names: list[str], counts: dict, out: Path
 ) -> None:
     # Images keep their own names: tiles, generated images and variations are named apart.
@@ -194,7 +194,7 @@ def build_dataset(
         "real_train_split": len(real_train(sources.real)),
         "synthetic_without_label": unlabelled,
     }
-    write_dataset(variant, items, sources.real, names, counts, out)
+    write_variant_dataset(variant, items, sources.real, names, counts, out)
     return counts
 
 

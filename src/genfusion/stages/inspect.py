@@ -36,7 +36,6 @@ from genfusion.progress import progress_bar
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Item:
     """One image the stage looks at, with what FiftyOne shows of it."""
@@ -66,7 +65,7 @@ def read_boxes(label: Path, names: Sequence[str], size: tuple[int, int]) -> list
     return read_label_file(label, names, size)
 
 
-def _rows(manifest: Path) -> dict[str, dict[str, str]]:
+def rows_by_name(manifest: Path) -> dict[str, dict[str, str]]:
     if not manifest.is_file():
         return {}
     with manifest.open(newline="") as f:
@@ -80,7 +79,7 @@ def collect(
     from genfusion.images import read_header
 
     items, missing = [], []
-    scenes = _rows(sources.real / layout.MANIFEST)
+    scenes = rows_by_name(sources.real / layout.MANIFEST)
     for split in SPLITS:
         for path in layout.image_files(sources.real, split):
             truth = read_boxes(
@@ -99,7 +98,7 @@ def collect(
         if not images:
             missing.append(f"generated/{subject}: no images yet (`dvc repro generate@{subject}`)")
             continue
-        rows = _rows(folder / layout.MANIFEST)
+        rows = rows_by_name(folder / layout.MANIFEST)
         for path in images:
             size = read_header(path).size
             row = rows.get(path.name, {})
@@ -113,14 +112,16 @@ def collect(
                     prompt=row.get("prompt"),
                     seed=int(row["seed"]) if row.get("seed") else None,
                     auto=read_boxes(layout.label_file(sources.prelabels / subject, path.stem), names, size),
-                    people=read_boxes(layout.label_file(sources.annotations / subject, path.stem), names, size),
+                    people=read_boxes(
+                        layout.label_file(sources.annotations / subject, path.stem), names, size
+                    ),
                     labels=read_label_file(chosen, names, size) if chosen else [],
                 )
             )
     variations = layout.image_files(sources.variations)
     if not variations:
         missing.append("variations: no images yet (`dvc repro variations`)")
-    rows = _rows(sources.variations / layout.MANIFEST)
+    rows = rows_by_name(sources.variations / layout.MANIFEST)
     for path in variations:
         label = layout.label_file(sources.variations, path.stem)
         source = rows.get(path.name, {}).get("source")

@@ -104,7 +104,7 @@ def subject_quality(
     people = sorted(layout.labels_dir(annotations).glob("*.txt"))
     if not people:
         return {"annotated": 0, "note": "no people's labels yet"}
-    manifest = {Path(row["file"]).stem: row for row in _rows(prelabels / layout.MANIFEST)}
+    manifest = {Path(row["file"]).stem: row for row in prelabel_rows(prelabels / layout.MANIFEST)}
     tp = predictions = truths = 0
     mask_scores = []
     for path in people:
@@ -130,7 +130,7 @@ def subject_quality(
     return result
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
+def prelabel_rows(path: Path) -> list[dict[str, str]]:
     from genfusion.manifest import read_manifest
 
     rows = list(read_manifest(path).values())
@@ -156,7 +156,14 @@ def detector_quality(
 
 
 def main(
-    params: Params, *, prelabels: Path, annotations: Path, generated: Path, real: Path, weights: Path, out: Path
+    params: Params,
+    *,
+    prelabels: Path,
+    annotations: Path,
+    generated: Path,
+    real: Path,
+    weights: Path,
+    out: Path,
 ) -> None:
     report: dict = {
         "method": params.prelabel.method,

@@ -151,7 +151,7 @@ def dataset_yaml(classes: Sequence[str]) -> str:
     )
 
 
-def write_dataset(
+def write_real_dataset(
     out: Path, splits: dict[str, list[Tile]], classes: Sequence[str], counts: Counter, task: str = "detect"
 ) -> None:
     """Write images, labels, manifest and dataset yaml; `out` appears only when complete."""
@@ -233,7 +233,7 @@ def run_seeds(
     check_tile_size(scenes, params.tile_size)
     tiles = plan_tiles(scenes, params, counts)
     splits = split_tiles(tiles, params)
-    write_dataset(out, splits, classes, counts, task)
+    write_real_dataset(out, splits, classes, counts, task)
     report = import_report(scenes, splits, counts)
     log.info(
         "seeds: %d scenes -> %s tiles (train/val/test), %d boxes written, %d clipped, %d dropped",
