@@ -1,9 +1,9 @@
 """Diffusion benchmarks: `generate` against a bare diffusers loop, pretraining speed, peak memory.
 
 Run from the project root after `genfusion seeds` (needs data/real):
-    .venv/bin/python benchmarks/bench_diffusion.py [--images 16] [--batch 4] [--steps 20]
+    .venv/bin/python benchmarks/bench_diffusion.py [--images 16] [--batch 4] [--steps 20] [--device cuda]
 Each measurement runs in a fresh process, so its peak RSS is its own. The generate line
-gives images per second for `genfusion.generate.generate` (manifest, atomic PNG writes,
+gives images per second for `genfusion.diffusion.text_to_image.text_to_image` (manifest, atomic PNG writes,
 resume checks included) and for the plain diffusers loop a user would write with the same
 model, settings, batch and image count, and the ratio ours / bare (>= 1.0 is the goal).
 `--attention` times `generate` with attention capture on (prelabel.method: attention; the
@@ -65,7 +65,7 @@ def bare_loop(pipe, n: int, batch: int, steps: int, resolution: int, guidance: f
             width=resolution,
             num_inference_steps=steps,
             guidance_scale=guidance,
-            generator=[torch.Generator().manual_seed(i) for i in indices],
+            generator=[torch.Generator(pipe.device).manual_seed(i) for i in indices],
         ).images
         for i, image in zip(indices, images, strict=True):
             image.save(out / f"{i:05d}.png")
@@ -79,6 +79,7 @@ def generation(
     guidance: float,
     repeats: int,
     attention: tuple[float, float] | None,
+    device: str = "cpu",
 ) -> dict:
     """Median seconds of our `generate` and of the bare loop, same process, same loaded model."""
     from genfusion.diffusion.pipelines import build_tiny_pipeline, load_generator, use_scheduler
@@ -89,7 +90,7 @@ def generation(
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         save_builtin(build_tiny_pipeline(seed=0), base)
-        pipe = load_generator(base)
+        pipe = load_generator(base, device=device)
         use_scheduler(pipe, "ddim")
         bare_loop(pipe, 1, 1, 2, resolution, guidance, Path(tmp) / "warm-up")
         sampler = GenerateParams(guidance=guidance, steps=steps, batch=batch)
@@ -147,6 +148,7 @@ def main() -> None:
     parser.add_argument("--pretrain-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--attention", action="store_true", help="generate with attention capture on")
+    parser.add_argument("--device", default="cpu", help="generation's device (diffusion.device): cpu, cuda")
     parser.add_argument(
         "--attention-steps", type=float, nargs=2, default=[0.0, 1.0], metavar=("FIRST", "LAST")
     )
@@ -169,11 +171,12 @@ def main() -> None:
         args.guidance,
         args.repeats,
         tuple(args.attention_steps) if args.attention else None,
+        args.device,
     )
     n = args.images
     print(
         f"generate (attention capture {f'on, steps {args.attention_steps}' if args.attention else 'off'})"
-        f" {n} images at"
+        f" {n} images on {args.device} at"
         f" {args.resolution} px, {args.steps} DDIM steps, guidance {args.guidance},"
         f" batch {args.batch}: ours {n / gen['ours']:.2f} img/s, bare diffusers loop {n / gen['bare']:.2f}"
         f" img/s, ratio ours/bare {gen['bare'] / gen['ours']:.2f} (bare one image per call:"

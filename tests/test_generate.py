@@ -246,7 +246,7 @@ def test_bad_requests_are_refused_before_any_work(pipe, tmp_path: Path, caplog) 
     with pytest.raises(GenfusionError, match=r"generate.prompts\[1\]: the prompt is empty"):
         run(pipe, tmp_path / "out", 1, prompts=["trees", " "])
     assert not (tmp_path / "out").exists()
-    with caplog.at_level(logging.WARNING, logger="genfusion.sd"):
+    with caplog.at_level(logging.WARNING, logger="genfusion.diffusion.pipelines"):
         run(pipe, tmp_path / "out", 1, prompts=["tree crowns " * 20])
     assert "generate.prompts[0]: the prompt is" in caplog.text
 

@@ -166,7 +166,7 @@ def test_prompt_checks(base_dir: Path, caplog: pytest.LogCaptureFixture) -> None
     tokenizer = load_pipeline(str(base_dir)).tokenizer
     with pytest.raises(GenfusionError, match=r"generate.prompts\[1\]: the prompt is empty"):
         check_prompt(tokenizer, "  ", "generate.prompts[1]")
-    with caplog.at_level(logging.WARNING, logger="genfusion.sd"):
+    with caplog.at_level(logging.WARNING, logger="genfusion.diffusion.pipelines"):
         check_prompt(tokenizer, PROMPT, "generate.prompts[0]")
         assert not caplog.records
         check_prompt(tokenizer, PROMPT + " at dawn" * 10 + " THE END", "generate.prompts[0]")

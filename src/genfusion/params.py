@@ -134,7 +134,7 @@ class ReportParams(Section):
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Prompt = Annotated[str, Field(min_length=1)]
-# Inference schedulers by name (mapped to diffusers classes in genfusion.sd.SCHEDULERS).
+# Inference schedulers by name (mapped to diffusers classes in genfusion.diffusion.pipelines.SCHEDULERS).
 SchedulerName = Literal["ddim", "ddpm", "pndm", "euler", "euler_ancestral", "dpmsolver++", "unipc"]
 
 

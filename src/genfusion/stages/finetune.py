@@ -8,7 +8,7 @@ frozen, so their outputs are computed once before the loop. `accelerate` places 
 model and runs mixed precision and gradient accumulation; `accelerate launch` runs the
 same command on several GPUs. The loss curve goes to dvclive.
 
-Output folder (read back by `genfusion.sd.load_generator`):
+Output folder (read back by `genfusion.diffusion.pipelines.load_generator`):
 - `finetune.json`: method, subject, prompts, the base model's fingerprint, settings;
 - LoRA: `pytorch_lora_weights.safetensors` (diffusers' LoRA format);
 - full: `unet/` (a UNet2DConditionModel folder).

@@ -4,7 +4,7 @@ Training runs in a scratch folder beside the output and is renamed into place on
 when it has finished, so an interrupted run leaves no half-written model. Running the
 stage again with the same request resumes from the scratch folder's last epoch.
 Training curves go to dvclive (our one logging path; Ultralytics' own integrations
-are switched off in `genfusion.yolo`).
+are switched off in `genfusion.integrations.ultralytics`).
 """
 
 from __future__ import annotations
