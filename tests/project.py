@@ -1,4 +1,5 @@
-"""A copy of the project in a fresh git repo, as a clean clone has it, for tests that run DVC."""
+"""Helpers of the tests that run the project: a copy of it in a fresh git repo, as a clean clone
+has it (for tests that run DVC), and stage runs with a params file."""
 
 from __future__ import annotations
 
@@ -52,3 +53,11 @@ def project_repo(dest: Path, params: dict[str, dict]) -> Path:
     run(dest, "git", "init", "-q", "-b", "main")
     commit(dest, "init")
     return dest
+
+
+def generate_canopy(params: Path, base: Path, real: Path, out: Path) -> None:
+    """The `generate@canopy` stage with the params file `params`, from the base model alone."""
+    from genfusion.params import load_params
+    from genfusion.stages import generate
+
+    generate.main(load_params(params), subject="canopy", base=base, finetuned=None, real=real, out=out)

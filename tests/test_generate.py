@@ -16,14 +16,14 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from project import generate_canopy
 
 from genfusion import fsio
 from genfusion.diffusion.pipelines import build_tiny_pipeline, load_generator
 from genfusion.diffusion.text_to_image import text_to_image
 from genfusion.errors import GenfusionError
 from genfusion.layout import MANIFEST
-from genfusion.params import GenerateParams, load_params, parse_params
-from genfusion.stages import generate as generate_stage
+from genfusion.params import GenerateParams, parse_params
 from genfusion.stages.base_model import save_builtin
 
 torch.set_num_threads(2)
@@ -194,17 +194,8 @@ def test_killed_run_resumes_to_the_same_files(base_dir: Path, tmp_path: Path) ->
     made = sorted(p.name for p in (out / "images").glob("*.png"))
     assert 0 < len(made) < 8, "the run was not interrupted mid-way"
 
-    generate_stage.main(
-        load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=out
-    )
-    generate_stage.main(
-        load_params(params),
-        subject="canopy",
-        base=base_dir,
-        finetuned=None,
-        real=tmp_path,
-        out=tmp_path / "uninterrupted",
-    )
+    generate_canopy(params, base_dir, tmp_path, out)
+    generate_canopy(params, base_dir, tmp_path, tmp_path / "uninterrupted")
     assert contents(out) == contents(tmp_path / "uninterrupted")
     assert not [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
     for image in (out / "images").iterdir():
@@ -218,25 +209,11 @@ def test_match_real_counts_the_real_train_tiles(base_dir: Path, tmp_path: Path) 
     data["generate"]["n"] = "match_real"
     params.write_text(yaml.safe_dump(data))
     with pytest.raises(GenfusionError, match="generate.n: match_real, but .* holds no tiles"):
-        generate_stage.main(
-            load_params(params),
-            subject="canopy",
-            base=base_dir,
-            finetuned=None,
-            real=tmp_path / "real",
-            out=tmp_path / "out",
-        )
+        generate_canopy(params, base_dir, tmp_path / "real", tmp_path / "out")
     (tmp_path / "real" / "images" / "train").mkdir(parents=True)
     for name in ("a", "b", "c"):
         Image.new("RGB", (40, 40)).save(tmp_path / "real" / "images" / "train" / f"{name}.png")
-    generate_stage.main(
-        load_params(params),
-        subject="canopy",
-        base=base_dir,
-        finetuned=None,
-        real=tmp_path / "real",
-        out=tmp_path / "out",
-    )
+    generate_canopy(params, base_dir, tmp_path / "real", tmp_path / "out")
     assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 3
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from project import generate_canopy
 
 from genfusion.boxes import Box
 from genfusion.diffusion.attention import capture_attention, class_prompt, class_token_positions
@@ -23,7 +24,6 @@ from genfusion.errors import GenfusionError
 from genfusion.formats.yolo import parse_yolo_line, yolo_line
 from genfusion.manifest import write_manifest
 from genfusion.params import PrelabelParams, load_params
-from genfusion.stages import generate as generate_stage
 from genfusion.stages import label_quality, prelabel
 from genfusion.stages.base_model import save_builtin
 
@@ -142,23 +142,14 @@ def test_prelabel_stage_writes_one_label_file_and_mask_per_image(base_dir: Path,
         tmp_path, 3, {"method": "attention", "min_box_area": 2}
     )  # map_size auto: 8 at 32 px
     generated, out = tmp_path / "generated", tmp_path / "prelabels"
-    generate_stage.main(
-        load_params(params), subject="canopy", base=base_dir, finetuned=None, real=tmp_path, out=generated
-    )
+    generate_canopy(params, base_dir, tmp_path, generated)
     rows = read_rows(generated / "manifest.csv")
     assert rows[0]["prompt"] == "an aerial photo of tree crowns; tree"  # the prompt actually used
     assert sorted(p.name for p in (generated / "attention").iterdir()) == [
         f"canopy_{i:05d}.npz" for i in range(3)
     ]
     first = (generated / "attention" / "canopy_00000.npz").read_bytes()
-    generate_stage.main(
-        load_params(params),
-        subject="canopy",
-        base=base_dir,
-        finetuned=None,
-        real=tmp_path,
-        out=tmp_path / "again",
-    )
+    generate_canopy(params, base_dir, tmp_path, tmp_path / "again")
     assert (tmp_path / "again" / "attention" / "canopy_00000.npz").read_bytes() == first
 
     prelabel.main(
@@ -181,14 +172,7 @@ def test_prelabel_stage_writes_one_label_file_and_mask_per_image(base_dir: Path,
 
     # Images made without capture have no maps: the stage says how to get them.
     plain = tiny_project(tmp_path / "plain", 1, {"method": "detector"})
-    generate_stage.main(
-        load_params(plain),
-        subject="canopy",
-        base=base_dir,
-        finetuned=None,
-        real=tmp_path,
-        out=tmp_path / "plain-gen",
-    )
+    generate_canopy(plain, base_dir, tmp_path, tmp_path / "plain-gen")
     assert not (tmp_path / "plain-gen" / "attention").exists()
     with pytest.raises(GenfusionError, match="no attention maps; .* rerun `dvc repro generate@canopy`"):
         prelabel.main(
@@ -289,14 +273,7 @@ def test_detector_prelabels_are_valid_yolo_files(neon_seeds: Path, base_dir: Pat
     genfusion(tmp_path, "datasets", "real", "--real", "data/real", "--out", "data/datasets/real")
     genfusion(tmp_path, "train", "--data", "data/datasets/real", "--out", "det", "--live", "live")
     weights = tmp_path / "det/weights/best.pt"
-    generate_stage.main(
-        load_params(params_path),
-        subject="canopy",
-        base=base_dir,
-        finetuned=None,
-        real=tmp_path,
-        out=tmp_path / "generated/canopy",
-    )
+    generate_canopy(params_path, base_dir, tmp_path, tmp_path / "generated/canopy")
     genfusion(
         tmp_path,
         "prelabel",
