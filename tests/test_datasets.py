@@ -14,7 +14,7 @@ from PIL import Image
 from genfusion.errors import GenfusionError
 from genfusion.layout import Sources
 from genfusion.params import TrainParams
-from genfusion.stages.datasets import build_dataset
+from genfusion.stages.datasets import GeneratedChoice, build_dataset
 from genfusion.stages.train import variant_epochs
 
 
@@ -75,7 +75,7 @@ def train_set(out: Path) -> dict[str, tuple[Path, str]]:
 
 
 def build(variant: str, sources: Sources, out: Path, label_source: str = "auto", ratio: float = 1.0) -> dict:
-    return build_dataset(variant, sources, out, ["a", "b"], label_source, ratio)
+    return build_dataset(variant, sources, out, GeneratedChoice(["a", "b"], label_source, ratio))
 
 
 def test_real_links_every_train_tile_with_its_labels_and_points_val_test_at_the_real_splits(
@@ -171,7 +171,7 @@ def test_unknown_variant_and_missing_generated_images_are_named(sources: Sources
     with pytest.raises(GenfusionError, match="unknown variant 'both'"):
         build("both", sources, tmp_path / "x")
     with pytest.raises(GenfusionError, match=r"generated/c/images: no generated images; .*generate@c"):
-        build_dataset("synthetic", sources, tmp_path / "x", ["a", "c"], "auto", 1.0)
+        build_dataset("synthetic", sources, tmp_path / "x", GeneratedChoice(["a", "c"], "auto", 1.0))
 
 
 def test_same_steps_scales_epochs_to_the_real_splits_image_count() -> None:

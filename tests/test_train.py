@@ -34,7 +34,7 @@ def workspace(neon_seeds: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     run_seeds(read_annotations(neon_seeds), loaded.seeds, loaded.classes, root / "data/real")
     folders = ("real", "generated", "prelabels", "annotations", "variations")
     sources = Sources(*(root / "data" / name for name in folders))
-    build_dataset("real", sources, root / "data/datasets/real", [], "auto", 1.0)
+    build_dataset("real", sources, root / "data/datasets/real")
     return root
 
 

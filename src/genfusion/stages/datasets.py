@@ -32,6 +32,16 @@ VARIANTS = ("real", "synthetic", "mixed", "variations")
 
 
 @dataclass(frozen=True)
+class GeneratedChoice:
+    """Which generated images the synthetic and mixed variants take: those of `subjects` with a
+    label from `label_source` (labels.source), `mixed_ratio` per real image for mixed."""
+
+    subjects: Sequence[str]
+    label_source: str
+    mixed_ratio: float
+
+
+@dataclass(frozen=True)
 class TrainImage:
     image: Path
     label: Path
@@ -89,13 +99,18 @@ def variation_train(variations: Path) -> list[TrainImage]:
 
 
 def select_train(
-    variant: str, sources: Sources, subjects: Sequence[str], label_source: str, mixed_ratio: float
+    variant: str, sources: Sources, generated: GeneratedChoice | None
 ) -> tuple[list[TrainImage], int]:
     """(the variant's train images, generated images left out for want of a label)."""
     if variant == "real":
         return real_train(sources.real), 0
     if variant == "variations":
         return real_train(sources.real) + variation_train(sources.variations), 0
+    if variant not in VARIANTS:
+        raise GenfusionError(f"datasets: unknown variant {variant!r}; known: {list(VARIANTS)}")
+    if generated is None:
+        raise ValueError(f"the {variant} variant needs a GeneratedChoice")
+    subjects, label_source, mixed_ratio = generated.subjects, generated.label_source, generated.mixed_ratio
     if not subjects:
         raise GenfusionError(f"datasets@{variant}: params.yaml defines no subjects to generate images of")
     labelled, unlabelled = synthetic_train(sources, subjects, label_source)
@@ -107,8 +122,6 @@ def select_train(
         if not labelled:
             raise GenfusionError(f"datasets@synthetic: {missing}")
         return labelled, len(unlabelled)
-    if variant != "mixed":
-        raise GenfusionError(f"datasets: unknown variant {variant!r}; known: {list(VARIANTS)}")
     real = real_train(sources.real)
     wanted = round(mixed_ratio * len(real))
     if wanted > len(labelled):
@@ -175,12 +188,10 @@ def build_dataset(
     variant: str,
     sources: Sources,
     out: Path,
-    subjects: Sequence[str],
-    label_source: str,
-    mixed_ratio: float,
+    generated: GeneratedChoice | None = None,
     task: str = "detect",
 ) -> dict:
-    items, unlabelled = select_train(variant, sources, subjects, label_source, mixed_ratio)
+    items, unlabelled = select_train(variant, sources, generated)
     if task == "segment":
         check_outlines(variant, items)
     names = yaml.safe_load((sources.real / layout.DATASET_YAML).read_text())["names"]
@@ -199,12 +210,9 @@ def build_dataset(
 
 
 def main(params: Params, *, variant: str, sources: Sources, out: Path) -> dict:
-    return build_dataset(
-        variant,
-        sources,
-        out,
-        list(params.subjects),
-        params.labels.source,
-        params.datasets.mixed_ratio,
-        params.task,
-    )
+    # The real and variations datasets take no generated image, so they read none of the params
+    # that choose them: the real detector (which labels the generated images) must not depend on them.
+    generated = None
+    if variant not in ("real", "variations"):
+        generated = GeneratedChoice(list(params.subjects), params.labels.source, params.datasets.mixed_ratio)
+    return build_dataset(variant, sources, out, generated, params.task)

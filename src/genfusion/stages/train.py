@@ -38,7 +38,7 @@ def variant_epochs(params: TrainParams, counts: dict) -> int:
 
 def train_args(params: TrainParams, seed: int, counts: dict) -> dict:
     """Ultralytics train() arguments: every other train.* param, plus the seed."""
-    args = {k: v for k, v in params.model_dump().items() if k not in NOT_YOLO_ARGS}
+    args = params.model_dump(exclude=set(NOT_YOLO_ARGS))
     return args | {"seed": seed, "epochs": variant_epochs(params, counts)}
 
 

@@ -1,0 +1,218 @@
+"""dvc.yaml declares what each stage reads: every stage's command runs under `dependency_trace` on
+tiny settings, and each params key, pipeline file and genfusion module it read must be declared.
+
+An undeclared read means `dvc repro` does not rerun the stage when that input changes, and serves a
+stale output as up to date.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import networkx as nx
+import pytest
+from dvc.dependency.param import ParamsDependency
+from dvc.repo import Repo
+from dvc.stage import PipelineStage
+from project import project_repo, run
+from test_pipeline import TINY
+
+# Infrastructure that every stage imports: the command line, params parsing, errors, progress bars
+# and atomic writes. None of it decides what a stage computes (params values are checked as keys),
+# and declaring it would rerun the whole pipeline on any edit of the command line's help text.
+SHARED_MODULES = (
+    "src/genfusion/cli.py",
+    "src/genfusion/params.py",
+    "src/genfusion/errors.py",
+    "src/genfusion/progress.py",
+    "src/genfusion/fsio.py",
+)
+# Package __init__.py files (src/genfusion/__init__.py, any subpackage's) only make the package.
+PACKAGE_INIT = "__init__.py"
+
+
+def within(item: str, container: str, separator: str) -> bool:
+    """`item` is `container` or inside it: a folder holds its files, a params key its sub-keys."""
+    return item == container or item.startswith(container + separator)
+
+
+def covered(path: str, declared: Iterable[str]) -> bool:
+    return any(within(path, d, "/") for d in declared)
+
+
+def key_covered(key: str, declared: Iterable[str]) -> bool:
+    return any(within(key, d, ".") for d in declared)
+
+
+def shared(module: str) -> bool:
+    return module in SHARED_MODULES or module.rsplit("/", 1)[-1] == PACKAGE_INIT
+
+
+def grouped(paths: list[str], depth: int = 3) -> dict[str, list[str]]:
+    """Paths by their first `depth` parts (data/datasets/real), so that a folder of images read
+    without being declared is one finding, not one per image."""
+    groups: dict[str, list[str]] = {}
+    for path in paths:
+        groups.setdefault("/".join(path.split("/")[:depth]), []).append(path)
+    return groups
+
+
+def undeclared(trace: dict, stage: dict) -> list[str]:
+    """What the stage read (`trace`, from dependency_trace) that its declaration (`stage`: name,
+    params, deps, outs) lacks, one message each."""
+    name, params = stage["name"], stage["params"]
+    found = [
+        f"{name}: reads param {key}, not declared" for key in trace["params"] if not key_covered(key, params)
+    ]
+    found += [
+        f"{name}: reads the names in param {key}, not declared"
+        for key in trace["param_names"]
+        # The names are declared with the mapping, or with any entry of it (subjects.canopy).
+        if not any(within(d, key, ".") for d in params)
+    ]
+    # A stage may read back what it writes; writes are recorded too, so they must be outs.
+    missing = [path for path in trace["paths"] if not covered(path, stage["deps"] + stage["outs"])]
+    for folder, paths in grouped(missing).items():
+        more = f" and {len(paths) - 1} more under {folder}/" if len(paths) > 1 else ""
+        found.append(f"{name}: reads {paths[0]}{more}, not declared")
+    found += [
+        f"{name}: imports {module}, not declared"
+        for module in trace["modules"]
+        if not shared(module) and not covered(module, stage["deps"])
+    ]
+    return found
+
+
+def never_read(trace: dict, stage: dict) -> list[str]:
+    """Declared params keys the stage did not read: harmless (a declared section is broader than
+    the keys one run reads), but a sign the declaration is stale."""
+    read = trace["params"] + trace["param_names"]
+    return [
+        f"{stage['name']}: declares param {key}, never read"
+        for key in stage["params"]
+        if not any(within(r, key, ".") or within(key, r, ".") for r in read)
+    ]
+
+
+def declarations(repo: Path) -> list[dict]:
+    """Every dvc.yaml stage as DVC resolves it (foreach, matrix, ${...} filled in), each after the
+    stages it depends on."""
+    with Repo(str(repo)) as dvc:
+        # Edges go from a stage to the stages it depends on.
+        order = reversed(list(nx.topological_sort(dvc.index.graph)))
+        return [declaration(stage, dvc.root_dir) for stage in order if stage.cmd]
+
+
+def declaration(stage: PipelineStage, root: str) -> dict:
+    def relative(paths) -> list[str]:
+        return [Path(os.path.relpath(p.fs_path, root)).as_posix() for p in paths]
+
+    params = [key for dep in stage.deps if isinstance(dep, ParamsDependency) for key in dep.params]
+    files = [dep for dep in stage.deps if not isinstance(dep, ParamsDependency)]
+    return {
+        "name": stage.name,
+        "cmd": stage.cmd,
+        "params": params,
+        "deps": relative(files),
+        "outs": relative(stage.outs),
+    }
+
+
+def trace_stage(repo: Path, stage: dict, out: Path) -> dict:
+    """Run the stage's command under dependency_trace, as `dvc repro` would run it."""
+    words = shlex.split(stage["cmd"])
+    run(repo, sys.executable, "-m", "dependency_trace", str(out), "--", *words)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[dict, dict]]:
+    """(declaration, trace) of every stage, run once each in dependency order: each traced run
+    writes the inputs of the stages after it. One training seed: every seed runs the same code."""
+    repo = project_repo(tmp_path_factory.mktemp("project"), TINY | {"train": TINY["train"] | {"seeds": [0]}})
+    run(repo, "dvc", "pull", "-q", "data/seeds/neon-trees.dvc")
+    traces = tmp_path_factory.mktemp("traces")
+    with pytest.MonkeyPatch.context() as env:
+        # The copy's own code, the code its dvc.yaml declares, and the tracer beside its tests.
+        env.setenv("PYTHONPATH", os.pathsep.join([str(repo / "src"), str(repo / "tests")]))
+        return [
+            (stage, trace_stage(repo, stage, traces / f"{stage['name']}.json"))
+            for stage in declarations(repo)
+        ]
+
+
+@pytest.mark.integration
+def test_every_stage_declares_what_it_reads(traced: list[tuple[dict, dict]]) -> None:
+    assert {stage["name"] for stage, _ in traced} >= {"seeds", "report", "evaluate@real-0"}
+    # A tracer that saw nothing would pass every stage.
+    blind = [s["name"] for s, t in traced if not t["paths"] or all(shared(m) for m in t["modules"])]
+    assert not blind, f"no data read or no stage module imported seen in {blind}"
+    stale = [message for stage, trace in traced for message in never_read(trace, stage)]
+    if stale:
+        warnings.warn("declared but never read:\n" + "\n".join(stale), stacklevel=1)
+    found = [message for stage, trace in traced for message in undeclared(trace, stage)]
+    assert not found, "read but not declared in dvc.yaml:\n" + "\n".join(found)
+
+
+@pytest.mark.integration
+def test_a_read_left_out_of_the_declaration_is_named(traced: list[tuple[dict, dict]]) -> None:
+    stage, trace = next((s, t) for s, t in traced if s["name"] == "report")
+    modules = [dep for dep in stage["deps"] if dep.startswith("src/") and dep in trace["modules"]]
+    assert modules and "data/real" in stage["deps"] and "report" in stage["params"]
+    reduced = stage | {
+        "params": [key for key in stage["params"] if key != "report"],
+        "deps": [dep for dep in stage["deps"] if dep != "data/real" and dep not in modules],
+    }
+    planted = set(undeclared(trace, reduced)) - set(undeclared(trace, stage))
+    assert "report: reads param report.conf, not declared" in planted
+    assert any(m.startswith("report: reads data/real/") for m in planted), planted
+    assert {f"report: imports {module}, not declared" for module in modules} <= planted
+
+
+STAGE = {
+    "name": "evaluate@real-0",
+    "params": ["train.imgsz", "evaluate", "subjects.canopy"],
+    "deps": ["data/real", "models/detectors/real-0", "src/genfusion/evaluate.py"],
+    "outs": ["metrics/eval/real-0.json"],
+}
+
+
+def test_undeclared_names_the_stage_and_each_read_it_lacks() -> None:
+    trace = {
+        "params": ["evaluate.conf", "train.imgsz", "train.batch", "train"],
+        "param_names": ["subjects", "labels"],
+        "paths": [
+            "data/real/images/test/a.png",
+            "metrics/eval/real-0.json",
+            "data/datasets/real/dataset.yaml",
+            "data/datasets/real/counts.json",
+            "models/detectors/real-1/weights/best.pt",
+        ],
+        "modules": [
+            "src/genfusion/__init__.py",
+            "src/genfusion/stages/__init__.py",
+            "src/genfusion/cli.py",
+            "src/genfusion/evaluate.py",
+            "src/genfusion/yolo.py",
+        ],
+    }
+    assert undeclared(trace, STAGE) == [
+        "evaluate@real-0: reads param train.batch, not declared",
+        "evaluate@real-0: reads param train, not declared",
+        "evaluate@real-0: reads the names in param labels, not declared",
+        "evaluate@real-0: reads data/datasets/real/dataset.yaml and 1 more under data/datasets/real/,"
+        " not declared",
+        "evaluate@real-0: reads models/detectors/real-1/weights/best.pt, not declared",
+        "evaluate@real-0: imports src/genfusion/yolo.py, not declared",
+    ]
+
+
+def test_never_read_lists_declared_keys_no_read_touches() -> None:
+    trace = {"params": ["evaluate.conf"], "param_names": ["subjects"], "paths": [], "modules": []}
+    assert never_read(trace, STAGE) == ["evaluate@real-0: declares param train.imgsz, never read"]
