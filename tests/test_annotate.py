@@ -1,6 +1,6 @@
-"""`genfusion annotate`: a real Label Studio server on loopback, pushed to, annotated through its
-REST API as a person would, and pulled back into a git + DVC project; the conversions and the
-bad inputs."""
+"""`genfusion annotate`: a real Label Studio server on loopback, pushed to, annotated through the
+Label Studio SDK as a person would, and pulled back into a git + DVC project; the conversions and
+the bad inputs."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import json
 import os
 import secrets
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 from PIL import Image
 from project import ROOT, commit, run
@@ -19,8 +21,10 @@ from project import ROOT, commit, run
 from genfusion.boxes import Box, polygon_box
 from genfusion.commands import annotate
 from genfusion.errors import GenfusionError
+from genfusion.formats import label_studio as ls_format
 from genfusion.formats.label_studio import read_task
-from genfusion.formats.yolo import parse_yolo_line
+from genfusion.formats.yolo import parse_yolo_line, read_label_file
+from genfusion.integrations import label_studio as ls
 from genfusion.params import load_params
 from genfusion.stages import prelabel
 
@@ -31,9 +35,9 @@ STEMS = ("canopy_00000", "canopy_00001", "canopy_00002")
 
 def test_label_config_offers_the_params_classes_with_the_task_tool() -> None:
     assert '<RectangleLabels name="label" toName="image"><Label value="tree"/><Label value="a&quot;b"/>' in (
-        annotate.label_config(["tree", 'a"b'], "detect")
+        ls_format.label_config(["tree", 'a"b'], "detect")
     )
-    assert "<PolygonLabels" in annotate.label_config(["tree"], "segment")
+    assert "<PolygonLabels" in ls_format.label_config(["tree"], "segment")
 
 
 @pytest.mark.parametrize("task", ["detect", "segment"])
@@ -43,7 +47,7 @@ def test_a_result_reads_back_as_the_same_object(tmp_path: Path, task: str) -> No
     if task == "detect":
         box = Box("tree", 3.5, 4.25, 40.0, 47.0)
     exported = {"id": 1, "data": {"image": "/data/local-files/?d=x/a.png"}, "annotations": [{"id": 1}]}
-    exported["annotations"][0]["result"] = [annotate.ls_result(box, SIZE, task)]
+    exported["annotations"][0]["result"] = [ls_format.ls_result(box, SIZE, task)]
     item = read_task(exported, 0, "export", tmp_path)
     [back] = item.boxes
     assert back.label == "tree" and len(back.polygon) == len(box.polygon)
@@ -65,20 +69,28 @@ def test_an_export_naming_files_outside_the_images_folder_is_refused(
 ) -> None:
     tasks = [{"id": 9, "data": {"image": image}, "annotations": [{"id": 1, "result": []}]}]
     with pytest.raises(GenfusionError, match=f"export: task 9: image .* {problem}"):
-        annotate.read_export(tasks, "export", tmp_path, CLASSES, "detect")
+        ls_format.read_export(tasks, "export", tmp_path, CLASSES, "detect")
 
 
 def test_credentials_come_from_the_environment_before_the_env_file(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / ".env").write_text("LABEL_STUDIO_API_KEY=from-file\nLABEL_STUDIO_URL=http://file:1\n")
     monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "from-env")
-    found = annotate.credentials(tmp_path / ".env")
+    found = ls.credentials(tmp_path / ".env")
     assert found["LABEL_STUDIO_API_KEY"] == "from-env" and found["LABEL_STUDIO_URL"] == "http://file:1"
 
 
 def test_serving_without_an_account_says_which_variables_to_set(tmp_path: Path) -> None:
     with pytest.raises(GenfusionError, match="set LABEL_STUDIO_USERNAME, LABEL_STUDIO_PASSWORD"):
-        annotate.server_env(tmp_path, tmp_path, {annotate.TOKEN_VAR: "t"})
+        ls.server_env(tmp_path, tmp_path, {ls.TOKEN_VAR: "t"})
+
+
+def test_a_missing_sdk_says_how_to_install_it(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "label_studio_sdk", None)
+    with pytest.raises(
+        GenfusionError, match="Label Studio SDK is not installed.*requirements/label-studio-sdk"
+    ):
+        ls.LabelStudio("http://127.0.0.1:8080", "t")
 
 
 # --- against a real server --------------------------------------------------------------------
@@ -95,7 +107,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A git + DVC project with generated images and their automatic labels, served by a real
     Label Studio (installed once into the git-ignored .labelstudio/venv of this checkout)."""
     try:
-        exe = annotate.server_executable(ROOT / ".labelstudio")
+        exe = ls.server_executable(ROOT / ".labelstudio")
     except GenfusionError as exc:
         pytest.skip(f"Label Studio cannot be installed here: {exc}")
     root = tmp_path_factory.mktemp("annotate-project")
@@ -127,25 +139,25 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     commit(root, "init")
 
     token = secrets.token_hex(20)
-    account = {annotate.USER_VAR: "annotator@example.org", annotate.PASSWORD_VAR: secrets.token_hex(8)}
-    env = annotate.server_env(tmp_path_factory.mktemp("ls-home"), root, account | {annotate.TOKEN_VAR: token})
-    server = annotate.start_server(exe, port, env, root.parent / "label-studio.log")
-    os.environ[annotate.TOKEN_VAR] = token
+    account = {ls.USER_VAR: "annotator@example.org", ls.PASSWORD_VAR: secrets.token_hex(8)}
+    env = ls.server_env(tmp_path_factory.mktemp("ls-home"), root, account | {ls.TOKEN_VAR: token})
+    server = ls.start_server(exe, port, env, root.parent / "label-studio.log")
+    os.environ[ls.TOKEN_VAR] = token
     try:
         yield root
     finally:
-        os.environ.pop(annotate.TOKEN_VAR, None)
-        annotate.stop_server(server)
+        os.environ.pop(ls.TOKEN_VAR, None)
+        ls.stop_server(server)
 
 
-def api(root: Path) -> annotate.LabelStudio:
+def api(root: Path) -> ls.LabelStudio:
     url = yaml.safe_load((root / "params.yaml").read_text())["annotate"]["url"]
-    return annotate.LabelStudio(url, os.environ[annotate.TOKEN_VAR])
+    return ls.LabelStudio(url, os.environ[ls.TOKEN_VAR])
 
 
-def tasks_by_key(server: annotate.LabelStudio, project: int) -> dict[str, dict]:
-    found = server.call("GET", "/api/tasks", params={"project": project, "page_size": 100, "fields": "all"})
-    return {t["data"][annotate.KEY]: t for t in found["tasks"]}
+def tasks_by_key(server: ls.LabelStudio, project: int) -> dict[str, dict]:
+    found = server.sdk.tasks.list(project=project, page_size=100, fields="all")
+    return {t.data[ls_format.KEY]: t.model_dump() for t in found}
 
 
 def push(root: Path, monkeypatch) -> dict:
@@ -186,7 +198,11 @@ def test_push_pull_round_trip_through_a_real_server(project: Path, monkeypatch) 
     tasks = tasks_by_key(server, summary["project"])
     assert sorted(tasks) == [f"canopy/{stem}.png" for stem in STEMS]
     # The images are served from this folder through local-file storage.
-    image = server.session.get(server.url + tasks["canopy/canopy_00000.png"]["data"]["image"], timeout=30)
+    image = requests.get(
+        server.url + tasks["canopy/canopy_00000.png"]["data"]["image"],
+        headers={"Authorization": f"Token {os.environ[ls.TOKEN_VAR]}"},
+        timeout=30,
+    )
     assert image.ok and image.content == (root / "data/generated/canopy/images/canopy_00000.png").read_bytes()
     # A second push adds nothing.
     assert push(root, monkeypatch)["added"] == 0
@@ -196,19 +212,15 @@ def test_push_pull_round_trip_through_a_real_server(project: Path, monkeypatch) 
     # second, adds one; skips the second image; leaves the third open.
     first = tasks["canopy/canopy_00000.png"]
     prediction = first["predictions"][0]["result"]
-    auto = annotate.read_labels(root / "data/prelabels/canopy/labels/canopy_00000.txt", CLASSES, SIZE)
-    sent = [annotate.ls_result(box, SIZE, "detect")["value"] for box in auto]
+    auto = read_label_file(root / "data/prelabels/canopy/labels/canopy_00000.txt", CLASSES, SIZE)
+    sent = [ls_format.ls_result(box, SIZE, "detect")["value"] for box in auto]
     assert [r["value"] for r in prediction] == sent
     moved = json.loads(json.dumps(prediction[0]))
     moved["value"]["x"] += 5 * 100 / SIZE[0]
-    added = annotate.ls_result(Box("tree", 40, 30, 60, 45), SIZE, "detect")
-    annotation = server.call(
-        "POST",
-        f"/api/tasks/{first['id']}/annotations",
-        json={"result": [moved, added], "was_cancelled": False},
-    )
+    added = ls_format.ls_result(Box("tree", 40, 30, 60, 45), SIZE, "detect")
+    annotation = server.sdk.annotations.create(first["id"], result=[moved, added], was_cancelled=False)
     second = tasks["canopy/canopy_00001.png"]
-    server.call("POST", f"/api/tasks/{second['id']}/annotations", json={"result": [], "was_cancelled": True})
+    server.sdk.annotations.create(second["id"], result=[], was_cancelled=True)
 
     pulled = pull(root, monkeypatch)
     assert (pulled["tasks"], pulled["annotated"], pulled["skipped"], pulled["open"]) == (3, 1, 1, 1)
@@ -224,7 +236,7 @@ def test_push_pull_round_trip_through_a_real_server(project: Path, monkeypatch) 
     # A second round: the box moves again. The change is reported, and the first version
     # stays in DVC's cache.
     moved["value"]["y"] += 4 * 100 / SIZE[1]
-    server.call("PATCH", f"/api/annotations/{annotation['id']}", json={"result": [moved, added]})
+    server.sdk.annotations.update(annotation.id, result=[moved, added])
     again = pull(root, monkeypatch)
     assert again["changed_labels"] == ["canopy_00000"] and not again["new_labels"]
     assert corners(labels(root, "canopy_00000")[0]) == pytest.approx((9, 10, 25, 26), abs=1e-3)
@@ -235,10 +247,8 @@ def test_push_pull_round_trip_through_a_real_server(project: Path, monkeypatch) 
 
     # A label that is not a params class names the task and the label; nothing is written.
     third = tasks["canopy/canopy_00002.png"]
-    bush = annotate.ls_result(Box("bush", 1, 1, 9, 9), SIZE, "detect")
-    server.call(
-        "POST", f"/api/tasks/{third['id']}/annotations", json={"result": [bush], "was_cancelled": False}
-    )
+    bush = ls_format.ls_result(Box("bush", 1, 1, 9, 9), SIZE, "detect")
+    server.sdk.annotations.create(third["id"], result=[bush], was_cancelled=False)
     before = (root / "data/annotations/canopy/labels/canopy_00000.txt").read_bytes()
     with pytest.raises(
         GenfusionError, match=rf"task {third['id']}: label 'bush' is not one of the params classes"
@@ -255,16 +265,16 @@ def test_server_problems_are_clear_errors_and_write_nothing(project: Path, monke
     url = params["annotate"]["url"]
     out = root / "data/annotations/other"
     generated, wanted = root / "data/generated/canopy", "genfusion other"
-    wrong = annotate.LabelStudio(url, "not-the-token")
+    wrong = ls.LabelStudio(url, "not-the-token")
     with pytest.raises(GenfusionError, match="refused the API token"):
         annotate.pull(wrong, wanted, generated, out, CLASSES, "detect")
-    down = annotate.LabelStudio(f"http://127.0.0.1:{free_port()}", "t")
+    down = ls.LabelStudio(f"http://127.0.0.1:{free_port()}", "t")
     with pytest.raises(GenfusionError, match="cannot reach Label Studio at"):
         annotate.pull(down, wanted, generated, out, CLASSES, "detect")
     server = api(root)
     with pytest.raises(GenfusionError, match="has no project 'genfusion other'; push first"):
         annotate.pull(server, wanted, generated, out, CLASSES, "detect")
-    server.ensure_project(wanted, annotate.label_config(CLASSES, "detect"))
+    server.ensure_project(wanted, ls_format.label_config(CLASSES, "detect"))
     with pytest.raises(GenfusionError, match="project 'genfusion other' is empty"):
         annotate.pull(server, wanted, generated, out, CLASSES, "detect")
     assert not out.exists()

@@ -1,13 +1,15 @@
 """Label Studio: the server (installed in its own venv, on 127.0.0.1, with no outside calls) and
-the client of its REST API, with errors that say what to do.
+the client of its API, with errors that say what to do.
 
-The server is reached through its REST API with `requests`: the Label Studio SDK pins an
-OpenCV that would replace the one Ultralytics needs in this environment. The API token comes
-from the environment or a git-ignored `.env`, never from params or logs.
+The client is the Label Studio SDK (`label-studio-sdk`), imported only when a command talks to
+a server. `make setup` installs it without its OpenCV pin (requirements/label-studio-sdk.txt
+says why), and the server, whose pins clash with this project's, runs from its own venv. The
+API token comes from the environment or a git-ignored `.env`, never from params or logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -15,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,9 +29,15 @@ from genfusion.params import AnnotateParams
 log = logging.getLogger(__name__)
 
 LABEL_STUDIO = "label-studio==1.23.2"
+LABEL_STUDIO_SDK = "label-studio-sdk==2.1.2"
 # Environment (or .env) variables: the server's address and token, and the account `serve` creates.
 URL_VAR, TOKEN_VAR = "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"
 USER_VAR, PASSWORD_VAR = "LABEL_STUDIO_USERNAME", "LABEL_STUDIO_PASSWORD"
+# Requests that change the server are sent once: the SDK would otherwise retry them after a
+# server error or a dropped connection, and an import the server did carry out would be doubled.
+ONCE = {"max_retries": 0}
+# Seconds a request may take (an export of a large project); the SDK's default is 60.
+TIMEOUT = 600
 
 
 def credentials(env_file: Path = Path(".env")) -> dict[str, str]:
@@ -42,81 +50,93 @@ def credentials(env_file: Path = Path(".env")) -> dict[str, str]:
 
 
 class LabelStudio:
-    """The REST calls this tool makes, with errors that say what to do."""
+    """The calls this tool makes, through the Label Studio SDK (`self.sdk`, a
+    `label_studio_sdk.LabelStudio`), with errors that say what to do."""
 
     def __init__(self, url: str, token: str) -> None:
-        import requests
-
         if not token:
             raise GenfusionError(
                 f"no Label Studio API token: set {TOKEN_VAR} in the environment or in .env"
                 " (the token `genfusion annotate serve` was started with, or yours from the"
                 " server's Account & Settings page)"
             )
+        try:
+            from label_studio_sdk import LabelStudio as Client
+        except ImportError as exc:
+            raise GenfusionError(
+                f"the Label Studio SDK is not installed ({exc}): run `make setup`, or"
+                f" `pip install -r requirements/label-studio-sdk.txt` then"
+                f" `pip install --no-deps {LABEL_STUDIO_SDK}`"
+            ) from exc
         self.url = url.rstrip("/")
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Token {token}"
+        # Legacy tokens and personal access tokens (JWT) alike; an expired JWT is refused here.
+        with self.answers("connect"):
+            self.sdk = Client(base_url=self.url, api_key=token, timeout=TIMEOUT)
 
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        import requests
+    @contextlib.contextmanager
+    def answers(self, what: str) -> Iterator[None]:
+        """The SDK's errors while doing `what`, as errors that say what to do."""
+        import httpx
+        from label_studio_sdk.core.api_error import ApiError
 
         try:
-            response = self.session.request(method, f"{self.url}{path}", timeout=600, **kwargs)
-        except requests.ConnectionError as exc:
+            yield
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise GenfusionError(
                 f"cannot reach Label Studio at {self.url}: start it with `genfusion annotate serve`,"
                 f" or set {URL_VAR} (or annotate.url) to your team's server"
             ) from exc
-        if response.status_code in (401, 403):
+        except ApiError as exc:
+            if exc.status_code in (401, 403):
+                raise GenfusionError(
+                    f"Label Studio at {self.url} refused the API token ({TOKEN_VAR}): HTTP"
+                    f" {exc.status_code}; check the token on the server's Account & Settings page"
+                ) from exc
             raise GenfusionError(
-                f"Label Studio at {self.url} refused the API token ({TOKEN_VAR}): HTTP"
-                f" {response.status_code}; check the token on the server's Account & Settings page"
-            )
-        if not response.ok:
-            raise GenfusionError(
-                f"Label Studio at {self.url}: {method} {path} failed: HTTP {response.status_code}"
-                f" {response.text[:300]}"
-            )
-        return response.json() if response.content else None
+                f"Label Studio at {self.url}: {what} failed: HTTP {exc.status_code} {str(exc.body)[:300]}"
+            ) from exc
 
     def project(self, title: str) -> int | None:
-        found = self.call("GET", "/api/projects", params={"title": title, "page_size": 1000})
-        ids = [p["id"] for p in found["results"] if p["title"] == title]
+        with self.answers(f"finding project {title!r}"):
+            # `title` filters by "contains"; the oldest project of exactly that title is the one.
+            ids = [p.id for p in self.sdk.projects.list(title=title, page_size=1000) if p.title == title]
         return min(ids) if ids else None
 
     def ensure_project(self, title: str, config: str) -> int:
         project = self.project(title)
         if project is None:
-            return self.call("POST", "/api/projects", json={"title": title, "label_config": config})["id"]
-        self.call("PATCH", f"/api/projects/{project}", json={"label_config": config})
+            with self.answers(f"creating project {title!r}"):
+                return self.sdk.projects.create(title=title, label_config=config, request_options=ONCE).id
+        with self.answers(f"updating the labelling config of project {title!r}"):
+            self.sdk.projects.update(project, label_config=config)
         return project
 
     def ensure_storage(self, project: int, folder: str) -> None:
-        """Local-file storage for `folder`: it lets the server serve the images there."""
-        storages = self.call("GET", "/api/storages/localfiles", params={"project": project})
-        if not any(s["path"] == folder for s in storages):
-            body = {"project": project, "path": folder, "use_blob_urls": False, "title": "genfusion"}
-            self.call("POST", "/api/storages/localfiles", json=body)
+        """Local-file storage for `folder`: it lets the server serve the images there. Never
+        synced: a sync would add a task per image file, without the key that push relies on."""
+        with self.answers(f"setting up local-file storage for project {project}"):
+            if not any(s.path == folder for s in self.sdk.import_storage.local.list(project=project)):
+                self.sdk.import_storage.local.create(
+                    project=project, path=folder, use_blob_urls=False, title="genfusion", request_options=ONCE
+                )
 
     def task_keys(self, project: int) -> set[str]:
-        keys, page = set(), 1
-        while True:
-            found = self.call(
-                "GET", "/api/tasks", params={"project": project, "page": page, "page_size": 1000}
-            )
-            keys |= {t["data"].get(KEY) for t in found["tasks"]}
-            if page * 1000 >= found["total"]:
-                return keys
-            page += 1
+        with self.answers(f"listing the tasks of project {project}"):
+            tasks = self.sdk.tasks.list(project=project, fields="task_only", page_size=1000)
+            return {(task.data or {}).get(KEY) for task in tasks}
 
     def import_tasks(self, project: int, tasks: list[dict]) -> None:
         # One request per thousand tasks keeps each request well under the server's size limits.
         for start in range(0, len(tasks), 1000):
-            self.call("POST", f"/api/projects/{project}/import", json=tasks[start : start + 1000])
+            with self.answers(f"importing tasks into project {project}"):
+                self.sdk.projects.import_tasks(
+                    project, request=tasks[start : start + 1000], request_options=ONCE
+                )
 
-    def export(self, project: int) -> list:
-        params = {"exportType": "JSON", "download_all_tasks": "true"}
-        return self.call("GET", f"/api/projects/{project}/export", params=params)
+    def export(self, project: int) -> list[Any]:
+        """Every task of the project with its annotations (Label Studio's JSON export)."""
+        with self.answers(f"exporting project {project}"):
+            return self.sdk.projects.exports.as_json(project, timeout=TIMEOUT)
 
 
 def client(settings: AnnotateParams, env_file: Path = Path(".env")) -> LabelStudio:
