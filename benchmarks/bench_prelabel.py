@@ -38,13 +38,14 @@ def main() -> None:
     from PIL import Image
 
     from genfusion.boxes import Box
+    from genfusion.detection import detect
     from genfusion.diffusion.attention import capture_attention, class_prompt, class_token_positions
     from genfusion.diffusion.pipelines import load_generator, use_scheduler
     from genfusion.diffusion.text_to_image import text_to_image
     from genfusion.formats.yolo import read_label_file
     from genfusion.params import load_params
     from genfusion.stages.label_quality import counts_to_metrics, match
-    from genfusion.stages.prelabel import attention_labels, detect
+    from genfusion.stages.prelabel import attention_labels
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=24)
