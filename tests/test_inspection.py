@@ -300,27 +300,31 @@ def test_clip_embedding_loads_a_locally_saved_checkpoint(tmp_path: Path) -> None
         clip_embedder("no/such-model")
 
 
-def test_generated_images_carry_the_labels_that_labels_source_chooses(project: Path) -> None:
+def test_generated_images_carry_the_labels_that_labels_source_chooses(tmp_path: Path) -> None:
     """The distribution metrics describe the labels the detectors train on: people's ones only
     where `labels.source` asks for them."""
     from genfusion.layout import Sources
     from genfusion.stages.inspect import collect
 
-    data = project / "data"
-    people = data / "annotations/canopy/labels"
-    people.mkdir(parents=True, exist_ok=True)
+    sources = Sources(
+        *(tmp_path / name for name in ("real", "generated", "prelabels", "annotations", "variations"))
+    )
+    (sources.real / "images/train").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(sources.real / "images/train/tile.png")
+    (sources.generated / "canopy/images").mkdir(parents=True)
+    (sources.prelabels / "canopy/labels").mkdir(parents=True)
+    for stem in ("canopy_00000", "canopy_00001"):
+        Image.new("RGB", (32, 32)).save(sources.generated / f"canopy/images/{stem}.png")
+        # The prelabel stage found one tree on every image.
+        (sources.prelabels / f"canopy/labels/{stem}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
     # People drew two trees on the first image and labelled no other.
-    (people / "canopy_00000.txt").write_text("0 0.5 0.5 0.2 0.2\n0 0.2 0.2 0.1 0.1\n")
-    try:
-        sources = Sources(
-            *(data / name for name in ("real", "generated", "prelabels", "annotations")), data / "variations"
-        )
-        counts = {}
-        for label_source in ("auto", "manual", "manual_else_auto"):
-            items, _ = collect(sources, ["canopy"], ["tree"], label_source)
-            generated = {i.path.stem: len(i.labels) for i in items if i.source == "generated"}
-            counts[label_source] = (generated["canopy_00000"], generated["canopy_00001"])
-    finally:
-        shutil.rmtree(data / "annotations")
-    # The prelabels give every image one box; people's give the first image two and the second none.
+    (sources.annotations / "canopy/labels").mkdir(parents=True)
+    (sources.annotations / "canopy/labels/canopy_00000.txt").write_text(
+        "0 0.5 0.5 0.2 0.2\n0 0.2 0.2 0.1 0.1\n"
+    )
+    counts = {}
+    for label_source in ("auto", "manual", "manual_else_auto"):
+        items, _ = collect(sources, ["canopy"], ["tree"], label_source)
+        generated = {i.path.stem: len(i.labels) for i in items if i.source == "generated"}
+        counts[label_source] = (generated["canopy_00000"], generated["canopy_00001"])
     assert counts == {"auto": (1, 1), "manual": (2, 0), "manual_else_auto": (2, 1)}
