@@ -69,10 +69,7 @@ def params(params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Check params.yaml and print it with every default filled in."""
     import yaml
 
-    from genfusion.params import load_params
-
-    loaded = load_params(params_path)
-    typer.echo(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False))
+    typer.echo(yaml.safe_dump(_params(params_path).model_dump(mode="json"), sort_keys=False))
 
 
 @app.command()
