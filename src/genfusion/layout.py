@@ -59,7 +59,7 @@ class Sources:
     prelabels: Path
     annotations: Path
     variations: Path
-    detectors: Path | None = None  # the inspect stage's: detector predictions on every image
+    detectors: Path | None = None  # the inspect stage's: trained detectors, whose predictions it shows
 
 
 def generated_label(sources: Sources, subject: str, stem: str, label_source: str) -> Path | None:

@@ -70,13 +70,12 @@ def push(
 ) -> dict:
     """Create or update the subject's project and import the images it lacks; a summary back."""
     from genfusion.images import read_header
-    from genfusion.layout import MANIFEST
     from genfusion.manifest import read_manifest
 
     images = layout.image_files(generated)
     if not images:
         raise GenfusionError(
-            f"{generated / 'images'}: no generated images; run `dvc repro generate@{subject}`"
+            f"{layout.images_dir(generated)}: no generated images; run `dvc repro generate@{subject}`"
         )
     root = document_root.resolve()
     folder = layout.images_dir(generated).resolve()
@@ -84,7 +83,7 @@ def push(
         raise GenfusionError(
             f"{folder} is not under annotate.document_root {root}; Label Studio serves only files there"
         )
-    auto = {Path(row["file"]).stem: row for row in read_manifest(prelabels / MANIFEST).values()}
+    auto = {Path(row["file"]).stem: row for row in read_manifest(prelabels / layout.MANIFEST).values()}
     if not auto:
         log.warning("%s: no automatic labels; the tasks get no predictions", prelabels)
     project = server.ensure_project(title, label_config(classes, task))

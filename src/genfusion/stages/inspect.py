@@ -1,4 +1,4 @@
-"""`inspect` stage and `genfusion inspect app`: real against synthetic, seen and measured.
+"""`inspect` stage: real against synthetic, seen and measured (`genfusion inspect app` shows it).
 
 The stage reads every real tile (by split), every generated image (by subject) and every
 variation with their labels, and
@@ -82,11 +82,9 @@ def collect(
     scenes = rows_by_name(sources.real / layout.MANIFEST)
     for split in SPLITS:
         for path in layout.image_files(sources.real, split):
-            truth = read_boxes(
-                layout.label_file(sources.real, path.stem, split), names, read_header(path).size
-            )
+            label = layout.label_file(sources.real, path.stem, split)
+            truth = read_boxes(label, names, read_header(path).size) or []
             scene = scenes.get(path.name, {}).get("scene")
-            truth = truth or []
             items.append(
                 Item(path, "real", f"real/{split}", split=split, scene=scene, truth=truth, labels=truth)
             )
@@ -102,6 +100,12 @@ def collect(
         for path in images:
             size = read_header(path).size
             row = rows.get(path.name, {})
+            auto_file = layout.label_file(sources.prelabels / subject, path.stem)
+            people_file = layout.label_file(sources.annotations / subject, path.stem)
+            read = {
+                auto_file: read_boxes(auto_file, names, size),
+                people_file: read_boxes(people_file, names, size),
+            }
             chosen = layout.generated_label(sources, subject, path.stem, label_source)
             items.append(
                 Item(
@@ -111,11 +115,9 @@ def collect(
                     subject=subject,
                     prompt=row.get("prompt"),
                     seed=int(row["seed"]) if row.get("seed") else None,
-                    auto=read_boxes(layout.label_file(sources.prelabels / subject, path.stem), names, size),
-                    people=read_boxes(
-                        layout.label_file(sources.annotations / subject, path.stem), names, size
-                    ),
-                    labels=read_label_file(chosen, names, size) if chosen else [],
+                    auto=read[auto_file],
+                    people=read[people_file],
+                    labels=read[chosen] if chosen else [],
                 )
             )
     variations = layout.image_files(sources.variations)
