@@ -13,7 +13,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # Pipeline outputs a developer's working tree may hold; a clean clone has none of them.
-OUTPUTS = ("data/real/", "data/datasets/", "models/", "metrics/", "reports/")
+OUTPUTS = (
+    "data/real/",
+    "data/scenes/",
+    "data/predictions/",
+    "data/datasets/",
+    "models/",
+    "metrics/",
+    "reports/",
+)
 
 
 def run(repo: Path, *args: str) -> str:

@@ -21,7 +21,7 @@ from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
 from dvc.stage import PipelineStage
 from project import project_repo, run
-from test_pipeline import TINY
+from test_pipeline import TINY, add_extra_set
 
 # Infrastructure that every stage imports: the command line, params parsing, errors, progress bars
 # and atomic writes. None of it decides what a stage computes (params values are checked as keys),
@@ -137,6 +137,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[dict, dict]]:
     writes the inputs of the stages after it. One training seed: every seed runs the same code."""
     repo = project_repo(tmp_path_factory.mktemp("project"), TINY | {"train": TINY["train"] | {"seeds": [0]}})
     run(repo, "dvc", "pull", "-q", "data/seeds/neon-trees.dvc")
+    add_extra_set(repo)
     traces = tmp_path_factory.mktemp("traces")
     with pytest.MonkeyPatch.context() as env:
         # The copy's own code, the code its dvc.yaml declares, and the tracer beside its tests.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,24 @@ TINY = {
     "variations": {"per_image": 1, "steps": 2, "strength": 0.5},
     # 2 of the 20 real train tiles: as many synthetic images as generate.n makes.
     "datasets": {"mixed_ratio": 0.1},
+    # A labelled set scored by every detector besides the test split (one seed scene, copied in).
+    "evaluate": {"bootstrap": 200, "extra_sets": {"soap": "data/extra/soap"}},
 }
+EXTRA_SCENE = "SOAP_061"
+
+
+def add_extra_set(repo: Path) -> None:
+    """TINY's extra set, copied from the pulled seeds."""
+    (repo / "data/extra/soap").mkdir(parents=True)
+    for suffix in (".png", ".xml"):
+        shutil.copy(repo / f"data/seeds/neon-trees/{EXTRA_SCENE}{suffix}", repo / "data/extra/soap")
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = project_repo(tmp_path_factory.mktemp("project"), TINY)
     run(repo, "dvc", "pull", "-q", "data/seeds/neon-trees.dvc")
+    add_extra_set(repo)
     return repo
 
 
@@ -53,7 +65,7 @@ def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(repo: Path) -
             == counts["train_images"]
             == len(list((repo / f"data/datasets/{variant}/images/train").iterdir()))
         )
-        row = summary[variant]["yolov8n"]
+        row = summary["test"][variant]["yolov8n"]
         # The report's mean and sample std, computed by hand from the per-seed metrics files.
         values = [r["map50"] for r in runs]
         assert row["map50_mean"] == pytest.approx(sum(values) / len(values))
@@ -61,8 +73,22 @@ def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(repo: Path) -
         assert row["map50_std"] == pytest.approx(
             (sum((x - mean) ** 2 for x in values) / (len(values) - 1)) ** 0.5
         )
+        assert row["map50_low"] <= row["map50_high"]
+        if variant != "real":
+            assert row["map50_delta_low"] <= row["map50_delta_high"]
+            assert set(row["paired"]) == {"0", "1"}
         assert f"| {variant} | yolov8n | {len(runs)} | {counts['train_images']} |" in table
         assert (repo / f"metrics/pr/{variant}-0.csv").read_text().startswith("recall,precision\n")
+        # Each object of the extra set is scored once, on its whole scene.
+        extra = [json.loads((repo / f"metrics/eval/soap/{variant}-{s}.json").read_text()) for s in (0, 1)]
+        assert all(e["scenes"] == 1 and e["objects"] == 37 for e in extra)
+        assert summary["soap"][variant]["yolov8n"]["map50_mean"] == pytest.approx(
+            sum(e["map50"] for e in extra) / 2
+        )
+    assert "extra set `soap`" in table
+    scene = json.loads((repo / "data/scenes/test/annotations.json").read_text())
+    assert [image["file_name"] for image in scene["images"]] == ["images/OSBS_029.png"]
+    assert len(scene["annotations"]) == 61  # each tree once, although the test tiles overlap
     real_tiles = json.loads((repo / "metrics/import.json").read_text())["tiles"]["train"]
     assert json.loads((repo / "data/datasets/real/counts.json").read_text())["train_images"] == real_tiles
     for figure in ("pr_curves", "ap_vs_synthetic", "detections", "gallery"):
@@ -100,7 +126,7 @@ def test_a_changed_param_touches_only_the_stages_that_read_it(repo: Path) -> Non
     assert "up to date" in run(repo, "dvc", "status")
     table = json.loads(run(repo, "dvc", "exp", "show", "--json"))
     text = json.dumps(table)
-    assert "two-epochs" in text and "map50" in text
+    assert "two-epochs" in text and "map50_delta_low" in text
 
 
 def queued_params(shown: object) -> list[dict]:

@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from genfusion.errors import GenfusionError
@@ -42,12 +43,64 @@ def test_mean_std_and_delta_match_a_hand_computation() -> None:
     assert row["map50_delta"] == pytest.approx(0.0)
 
 
-def test_markdown_table_shows_every_row_and_the_delta() -> None:
-    table = markdown_table(summarise([record("real", 0, 0.3, 0.6, 0.2), record("mixed", 0, 0.5, 0.9, 0.5)]))
-    lines = table.splitlines()
-    assert lines[0] == "| variant | model | seeds | train images | AP@0.5:0.95 | AP50 | AP75 |"
-    assert "| real | yolov8n | 1 | 20 | 0.300 | 0.600 | 0.200 |" in lines
-    assert "| mixed | yolov8n | 1 | 20 | 0.500 (+0.200) | 0.900 (+0.300) | 0.500 (+0.300) |" in lines
+def test_markdown_table_shows_every_row_the_delta_and_its_interval() -> None:
+    table = summarise([record("real", 0, 0.3, 0.6, 0.2), record("mixed", 0, 0.5, 0.9, 0.5)])
+    lines = markdown_table(table).splitlines()
+    assert lines[0] == (
+        "| variant | model | seeds | train images | AP@0.5:0.95 | AP50 | AP75"
+        " | Δ AP@0.5:0.95 | Δ AP50 | Δ AP75 |"
+    )
+    assert "| real | yolov8n | 1 | 20 | 0.300 | 0.600 | 0.200 |  |  |  |" in lines
+    assert "| mixed | yolov8n | 1 | 20 | 0.500 | 0.900 | 0.500 | +0.200 | +0.300 | +0.300 |" in lines
+    table["mixed"]["yolov8n"] |= {
+        "map50_low": 0.8,
+        "map50_high": 0.95,
+        "map50_delta_low": 0.1,
+        "map50_delta_high": 0.4,
+    }
+    table["mixed"]["yolov8n"] |= {"map_delta_low": -0.1, "map_delta_high": 0.4}
+    row = markdown_table(table).splitlines()[3]
+    assert "| 0.900 [0.800, 0.950] |" in row
+    assert "| +0.300 [+0.100, +0.400] * |" in row  # the interval excludes zero
+    assert "| +0.200 [-0.100, +0.400] |" in row
+
+
+def test_intervals_pool_seeds_and_pair_each_seed_with_the_baseline() -> None:
+    from genfusion.params import EvaluateParams
+    from genfusion.stages.report import add_intervals
+
+    records = [
+        record(v, s, 0.1, ap, 0.1)
+        for v, s, ap in [("real", 0, 0.5), ("real", 1, 0.6), ("mixed", 0, 0.7), ("mixed", 1, 0.7)]
+    ]
+    rng = np.random.default_rng(0)
+    noise = {
+        s: rng.normal(0, 0.05, 2000) for s in (0, 1)
+    }  # the test units' resampling, shared by a seed's detectors
+    samples = {
+        (r["variant"], r["seed"]): {
+            k: r[k] + noise[r["seed"]] + (k == "map50") * rng.normal(0, 0.001, 2000)
+            for k in ("map", "map50", "map75")
+        }
+        for r in records
+    }
+    table = summarise(records)
+    add_intervals(table, records, samples, [0, 1], EvaluateParams())
+    mixed = table["mixed"]["yolov8n"]
+    assert mixed["map50_delta"] == pytest.approx(0.15)
+    # Paired: a seed's shared noise cancels, so its difference is known far better than either AP.
+    seed_0 = mixed["paired"]["0"]
+    assert (
+        seed_0["map50_delta_high"] - seed_0["map50_delta_low"]
+        < (mixed["map50_high"] - mixed["map50_low"]) / 5
+    )
+    assert mixed["map50_delta_low"] > 0
+    assert mixed["paired"]["0"]["map50_delta"] == pytest.approx(0.2)
+    assert mixed["paired"]["1"]["map50_delta"] == pytest.approx(0.1)
+    assert mixed["paired"]["1"]["map50_delta_low"] < 0.1 < mixed["paired"]["1"]["map50_delta_high"]
+    # Pooled over resampled seeds, the interval spans the two seeds' differences.
+    assert mixed["map50_delta_low"] < 0.12 and mixed["map50_delta_high"] > 0.18
+    assert "paired" not in table["real"]["yolov8n"]
 
 
 def test_missing_evaluation_names_the_file_and_the_stage(tmp_path: Path) -> None:
@@ -55,6 +108,10 @@ def test_missing_evaluation_names_the_file_and_the_stage(tmp_path: Path) -> None
     assert len(load_evaluations(tmp_path, ["real"], [0])) == 1
     with pytest.raises(GenfusionError, match=r"real-1\.json: missing; run `dvc repro evaluate@real-1`"):
         load_evaluations(tmp_path, ["real"], [0, 1])
+    with pytest.raises(
+        GenfusionError, match=r"site2/real-0\.json: missing; run `dvc repro evaluate_extra@real-0-site2`"
+    ):
+        load_evaluations(tmp_path, ["real"], [0], "site2")
 
 
 def test_pr_figure_draws_the_seed_mean_of_each_variant() -> None:
@@ -79,7 +136,7 @@ def test_sweep_points_come_from_every_experiments_summary() -> None:
         )
 
     def metrics(n: int, ap: float) -> dict:
-        return {"metrics": {"metrics/summary.json": {"data": summary(n, ap)}}}
+        return {"metrics": {"metrics/summary.json": {"data": {"test": summary(n, ap)}}}}
 
     experiment = {"rev": "e1", "name": "ratio-2", "data": metrics(40, 0.35)}
     shown = [

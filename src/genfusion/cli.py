@@ -75,13 +75,14 @@ def params(params_path: ParamsOpt = Path("params.yaml")) -> None:
 @app.command()
 def seeds(
     out: Annotated[Path, typer.Option(help="Output YOLO dataset folder.")] = Path("data/real"),
+    scenes: Annotated[Path, typer.Option(help="The test split's scenes, whole.")] = Path("data/scenes/test"),
     report: Annotated[Path, typer.Option(help="Import report (JSON metric).")] = Path("metrics/import.json"),
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Import, normalise, tile and split the real seed images (source: seeds.source)."""
     from genfusion.stages.seeds import main
 
-    main(_params(params_path), out=out, report=report)
+    main(_params(params_path), out=out, scenes=scenes, report=report)
 
 
 @app.command()
@@ -120,46 +121,82 @@ def train(
     main(_params(params_path), data=data, seed=seed, out=out, live=live)
 
 
+ScenesOpt = Annotated[Path, typer.Option(help="Scene set folder (images/ and annotations.json).")]
+
+
 @app.command()
 def evaluate(
     weights: Annotated[Path, typer.Option(help="Trained weights (best.pt).")],
-    data: Annotated[Path, typer.Option(help="Dataset folder from `datasets`.")],
+    scenes: ScenesOpt,
     out: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
-    pr: Annotated[Path, typer.Option(help="Precision-recall curve CSV to write.")],
+    detections: Annotated[Path, typer.Option(help="The detections to write (COCO results JSON).")],
     variant: Annotated[str, typer.Option(help="Variant name, recorded in the metrics.")],
     seed: Annotated[int, typer.Option(help="Seed, recorded in the metrics.")] = 0,
+    pr: Annotated[Path | None, typer.Option(help="Precision-recall curve CSV to write.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Dataset folder from `datasets`: adds the tile-level figures of its test split."),
+    ] = None,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Score a detector on the real test split."""
+    """Score a detector on whole scenes (params: predict, evaluate)."""
     from genfusion.stages.evaluate import main
 
-    main(_params(params_path), weights=weights, data=data, variant=variant, seed=seed, out=out, pr=pr)
+    main(
+        _params(params_path), weights=weights, scenes=scenes, variant=variant, seed=seed, out=out,
+        detections=detections, pr=pr, data=data,
+    )  # fmt: skip
+
+
+@app.command("test-set")
+def test_set(
+    name: Annotated[str, typer.Argument(help="The set's name in evaluate.extra_sets.")],
+    source: Annotated[Path, typer.Option(help="The labelled set: a folder or file in a seeds format.")],
+    out: ScenesOpt,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Import one of evaluate.extra_sets as a scene set (classes through seeds.class_map)."""
+    from genfusion.stages.test_set import main
+
+    main(_params(params_path), name=name, source=source, out=out)
 
 
 @app.command()
 def report(
     eval_dir: Annotated[Path, typer.Option(help="Folder of evaluate's metrics.")] = Path("metrics/eval"),
+    pr_dir: Annotated[Path, typer.Option(help="Folder of evaluate's PR curves.")] = Path("metrics/pr"),
+    predictions: Annotated[Path, typer.Option(help="Folder of evaluate's detections.")] = Path(
+        "data/predictions"
+    ),
+    scenes: Annotated[Path, typer.Option(help="Folder of the scene sets.")] = Path("data/scenes"),
     summary: Annotated[Path, typer.Option(help="Summary JSON to write.")] = Path("metrics/summary.json"),
     markdown: Annotated[Path, typer.Option(help="Markdown table to write.")] = Path("reports/summary.md"),
-    pr_dir: Annotated[Path, typer.Option(help="Folder of evaluate's PR curves.")] = Path("metrics/pr"),
-    detectors: Annotated[Path, typer.Option(help="Folder of trained detectors.")] = Path("models/detectors"),
-    real: RealOpt = Path("data/real"),
     figures: Annotated[Path, typer.Option(help="Folder for the figures (PNG).")] = Path("reports"),
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Table-1 style summary (mean +- std over seeds per variant and model) and figures."""
+    """Every detector on every test set: AP with bootstrap intervals, paired differences to
+    `real`, and figures."""
     from genfusion.stages.report import main
 
     main(
-        _params(params_path),
-        eval_dir=eval_dir,
-        pr_dir=pr_dir,
-        detectors=detectors,
-        real=real,
-        summary=summary,
-        markdown=markdown,
-        figures=figures,
-    )
+        _params(params_path), eval_dir=eval_dir, pr_dir=pr_dir, predictions=predictions, scenes=scenes,
+        summary=summary, markdown=markdown, figures=figures,
+    )  # fmt: skip
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Images (any size; GeoTIFF too) or folders of them.")],
+    weights: Annotated[
+        Path, typer.Option(help="A trained detector, e.g. models/detectors/real-0/weights/best.pt.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for predictions.json, predictions.csv and GeoJSON.")],
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Run a detector over whole scenes, slice by slice (params: predict, train.imgsz, train.device)."""
+    from genfusion.commands.predict import main
+
+    main(_params(params_path), weights=weights, images=images, out=out)
 
 
 @app.command()

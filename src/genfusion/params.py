@@ -25,6 +25,7 @@ from genfusion.errors import GenfusionError
 from genfusion.layout import SPLITS
 
 PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
@@ -123,16 +124,52 @@ class DatasetsParams(Section):
     mixed_ratio: Annotated[float, Field(ge=0)] = 1.0
 
 
+class PredictParams(Section):
+    slice: PositiveInt = 320
+    overlap: NonNegativeInt = 64
+    merge: Literal["nms", "nmm", "wbf"] = "nms"
+    match_metric: Literal["iou", "ios"] = "ios"
+    match_threshold: Fraction = 0.5
+    batch: PositiveInt = 8
+    conf: Fraction = 0.25
+    iou: Fraction = 0.7
+
+    @model_validator(mode="after")
+    def _slices_advance(self) -> PredictParams:
+        if self.overlap >= self.slice:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than slice ({self.slice})")
+        return self
+
+
+# The scene set the seeds stage writes; an extra set may not take its name.
+TEST_SET = "test"
+
+
 class EvaluateParams(Section):
     conf: Fraction = 0.001
     iou: Fraction = 0.7
+    pr_conf: Fraction = 0.25
+    bootstrap: NonNegativeInt = 1000
+    bootstrap_cell: PositiveInt | None = 100
+    bootstrap_seed: int = 0
+    extra_sets: dict[str, str] = {}
+
+    @field_validator("extra_sets")
+    @classmethod
+    def _named_apart(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if name == TEST_SET or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(
+                    f"{name!r}: an extra set's name is a folder name (letters, digits, _ . -),"
+                    f" and not {TEST_SET!r}"
+                )
+        return v
 
 
 class ReportParams(Section):
     conf: Fraction = 0.25
 
 
-NonNegativeInt = Annotated[int, Field(ge=0)]
 Prompt = Annotated[str, Field(min_length=1)]
 # Inference schedulers by name (mapped to diffusers classes in genfusion.diffusion.pipelines.SCHEDULERS).
 SchedulerName = Literal["ddim", "ddpm", "pndm", "euler", "euler_ancestral", "dpmsolver++", "unipc"]
@@ -282,6 +319,7 @@ class Params(Section):
     labels: LabelsParams = LabelsParams()
     datasets: DatasetsParams = DatasetsParams()
     train: TrainParams = TrainParams()
+    predict: PredictParams = PredictParams()
     evaluate: EvaluateParams = EvaluateParams()
     report: ReportParams = ReportParams()
     diffusion: DiffusionParams = DiffusionParams()

@@ -11,7 +11,7 @@ from pathlib import Path
 from genfusion import fsio
 from genfusion.errors import GenfusionError
 from genfusion.figures import synthetic_figure, synthetic_points
-from genfusion.params import profile_overrides
+from genfusion.params import TEST_SET, profile_overrides
 
 
 def exp_main(profile: Path, params_path: Path, *, name: str | None, queue: bool, dry_run: bool) -> int:
@@ -26,14 +26,15 @@ def exp_main(profile: Path, params_path: Path, *, name: str | None, queue: bool,
 
 
 def experiment_summaries(shown: object) -> list[dict]:
-    """Every `metrics/summary.json` in `dvc exp show --json` output (workspace, commits and
-    their experiments)."""
+    """The test-scene table of every `metrics/summary.json` in `dvc exp show --json` output
+    (workspace, commits and their experiments). Summaries written before scenes were scored whole
+    have no `test` table and are left out: their tile-level AP is not comparable."""
     found = []
     if isinstance(shown, dict):
         metrics = (shown.get("data") or {}).get("metrics") or {}
         summary = (metrics.get("metrics/summary.json") or {}).get("data")
-        if summary:
-            found.append(summary)
+        if summary and TEST_SET in summary:
+            found.append(summary[TEST_SET])
         for value in shown.values():
             found += experiment_summaries(value)
     elif isinstance(shown, list):

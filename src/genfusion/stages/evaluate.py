@@ -1,7 +1,12 @@
-"""`evaluate@variant-seed` stage: every detector scored on the same real test split.
+"""`evaluate@variant-seed` and `evaluate_extra@variant-seed-set` stages: a detector scored on whole scenes.
 
-Writes AP@0.5:0.95, AP50, AP75, precision and recall (and mask AP for a segmentation model)
-as a DVC metric, and the box precision-recall curve (at IoU 0.5, mean over classes) as a DVC plot.
+Each scene of the set is predicted whole (sliced, the slices' boxes merged, as `genfusion predict`
+does) and scored against the scene's own boxes, so an object is counted once however the scene
+was tiled: COCO AP@0.5:0.95, AP50, AP75, and precision and recall at IoU 0.5 of the detections
+scoring at least `evaluate.pr_conf`. The detections are kept (COCO results JSON) for the report's
+bootstrap intervals. On the held-out test split the stage also writes the precision-recall curve
+(a DVC plot) and the tile-level figures of the earlier protocol (Ultralytics' validation on the
+test tiles, `tile_*` keys), which count an object in a tile overlap once per tile.
 """
 
 from __future__ import annotations
@@ -14,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from genfusion import fsio, layout
+from genfusion import fsio, layout, scoring
 from genfusion.errors import GenfusionError
 from genfusion.integrations.ultralytics import load_yolo
-from genfusion.params import EvaluateParams, Params, TrainParams
-
-# The PR curve is kept at 101 recall points (COCO's own sampling), enough for a plot.
-PR_POINTS = np.linspace(0.0, 1.0, 101)
+from genfusion.params import Params, TrainParams
+from genfusion.prediction import check_slicing, open_scene, predict_scene
+from genfusion.scenes import SceneSet, read_scene_set
 
 
 def model_name(model: str) -> str:
@@ -28,67 +32,97 @@ def model_name(model: str) -> str:
     return Path(model).stem
 
 
-def pr_curve_csv(recall: np.ndarray, precision: np.ndarray) -> str:
-    """Precision at `PR_POINTS` recall levels, as CSV text with columns recall, precision."""
-    sampled = np.interp(PR_POINTS, recall, precision)
+def pr_curve_csv(curve: np.ndarray) -> str:
+    """Precision at COCO's 101 recall points, as CSV text with columns recall, precision."""
     text = io.StringIO()
     rows = csv.writer(text, lineterminator="\n")
     rows.writerow(["recall", "precision"])
-    rows.writerows((f"{r:.2f}", f"{p:.5f}") for r, p in zip(PR_POINTS, sampled, strict=True))
+    rows.writerows((f"{r:.2f}", f"{p:.5f}") for r, p in zip(scoring.RECALL_POINTS, curve, strict=True))
     return text.getvalue()
 
 
-def evaluate_detector(
-    weights: Path, data_yaml: Path, train_params: TrainParams, params: EvaluateParams
-) -> tuple[dict, str]:
-    """Score `weights` on the test split of `data_yaml`: (metrics, PR curve CSV)."""
+def load_detector(weights: Path):
     if not weights.is_file():
         raise GenfusionError(f"{weights}: trained weights not found; run the train stage first")
-    model = load_yolo(weights)
+    return load_yolo(weights)
+
+
+def detect_scenes(weights: Path, scenes: SceneSet, params: Params) -> list[dict]:
+    """The detector's boxes on every scene of the set, as COCO results (category id = class + 1)."""
+    model = load_detector(weights)
+    check_slicing(model, weights, params.predict)
+    results = []
+    for entry in scenes.images:
+        scene = open_scene(scenes.image(entry))
+        try:
+            found = predict_scene(
+                model, scene, params.predict, conf=params.evaluate.conf, iou=params.evaluate.iou,
+                imgsz=params.train.imgsz, device=params.train.device,
+            )  # fmt: skip
+        finally:
+            scene.close()
+        for box, score, class_index in zip(found.boxes, found.scores, found.classes, strict=True):
+            x0, y0, x1, y1 = (round(float(v), 2) for v in box)
+            results.append(
+                {
+                    "image_id": entry["id"],
+                    "category_id": int(class_index) + 1,
+                    "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)],
+                    "score": round(float(score), 5),
+                }
+            )
+    return results
+
+
+def tile_metrics(weights: Path, data_yaml: Path, train_params: TrainParams, params: Params) -> dict:
+    """The earlier protocol: Ultralytics' validation on the test split's tiles (box, and mask AP
+    for a segmentation model), as `tile_*` keys."""
+    model = load_detector(weights)
     with tempfile.TemporaryDirectory(prefix="genfusion-val-") as scratch:
         result = model.val(
-            data=str(data_yaml.resolve()),
-            split="test",
-            imgsz=train_params.imgsz,
-            batch=train_params.batch,
-            conf=params.conf,
-            iou=params.iou,
-            device=train_params.device,
-            workers=train_params.workers,
-            project=scratch,
-            name="test",
-            plots=False,
-            verbose=False,
-        )
-    box = result.box
-    metrics = {
-        "map": float(box.map),
-        "map50": float(box.map50),
-        "map75": float(box.map75),
-        "precision": float(box.mp),
-        "recall": float(box.mr),
-    }
+            data=str(data_yaml.resolve()), split="test", imgsz=train_params.imgsz, batch=train_params.batch,
+            conf=params.evaluate.conf, iou=params.evaluate.iou, device=train_params.device,
+            workers=train_params.workers, project=scratch, name="test", plots=False, verbose=False,
+        )  # fmt: skip
+    metrics = {"tile_map": float(result.box.map), "tile_map50": float(result.box.map50)}
     if hasattr(result, "seg"):  # a segmentation model (task: segment): its masks are scored too
-        masks = result.seg
         metrics |= {
-            "mask_map": float(masks.map),
-            "mask_map50": float(masks.map50),
-            "mask_map75": float(masks.map75),
+            "tile_mask_map": float(result.seg.map),
+            "tile_mask_map50": float(result.seg.map50),
+            "tile_mask_map75": float(result.seg.map75),
         }
-    precision = np.asarray(box.prec_values).mean(axis=0) if len(box.prec_values) else np.zeros(1000)
-    return metrics, pr_curve_csv(np.asarray(box.px), precision)
+    return metrics
 
 
-def main(params: Params, *, weights: Path, data: Path, variant: str, seed: int, out: Path, pr: Path) -> None:
-    metrics, pr_csv = evaluate_detector(weights, data / layout.DATASET_YAML, params.train, params.evaluate)
-    counts = json.loads((data / "counts.json").read_text())
+def main(
+    params: Params,
+    *,
+    weights: Path,
+    scenes: Path,
+    variant: str,
+    seed: int,
+    out: Path,
+    detections: Path,
+    pr: Path | None = None,
+    data: Path | None = None,
+) -> None:
+    scene_set = read_scene_set(scenes)
+    found = detect_scenes(weights, scene_set, params)
+    matches = scoring.match(scene_set.ground_truth, found, params.evaluate.bootstrap_cell)
+    metrics, curve = scoring.score(matches, params.evaluate.pr_conf)
     record = {
         "variant": variant,
         "seed": seed,
         "model": model_name(params.train.model),
+        "scenes": len(scene_set.images),
+        "objects": len(scene_set.ground_truth["annotations"]),
         **metrics,
-        "train_images": counts["train_images"],
-        "synthetic_images": counts["synthetic_images"],
     }
-    fsio.write_text(pr, pr_csv)
+    if data is not None:
+        record |= tile_metrics(weights, data / layout.DATASET_YAML, params.train, params)
+        counts = json.loads((data / "counts.json").read_text())
+        record |= {"train_images": counts["train_images"], "synthetic_images": counts["synthetic_images"]}
+    if pr is not None:
+        fsio.write_text(pr, pr_curve_csv(curve))
+    fsio.write_json(detections, found)
     fsio.write_json(out, record)

@@ -1,10 +1,13 @@
-"""`report` stage: Genfusion Table-1 style summary over variants, models and seeds, and figures.
+"""`report` stage: every detector on every test set, with intervals, and figures.
 
-Rows are (variant, model); columns AP@0.5:0.95, AP50 and AP75 as mean +- sample std
-over seeds (for a single seed, std is 0 in the JSON and left out of the table), and each
-mean's difference to the `real` variant with the same model. Figures: every variant's
-precision-recall curve in one chart, AP50 against the number of synthetic train images, and
-each variant's detections on real test tiles.
+Rows are (variant, model); columns AP@0.5:0.95, AP50 and AP75 on whole scenes as the mean over
+seeds (± the sample std when there are several), each with its 95 % bootstrap interval, and the
+paired difference to the `real` variant with the same model, with its interval: the same
+resampled units of the test set (see `genfusion.scoring`) score both detectors of each seed, and
+seeds are resampled too when there are several. A difference whose interval excludes zero is
+marked. One table per test set: the held-out test split, then each of `evaluate.extra_sets`.
+Figures: every variant's precision-recall curve on the test scenes, AP50 against the number of
+synthetic train images, and each variant's detections on the test scenes.
 """
 
 from __future__ import annotations
@@ -17,94 +20,205 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from genfusion import fsio, layout
+import numpy as np
+
+from genfusion import fsio, scoring
 from genfusion.errors import GenfusionError
 from genfusion.figures import synthetic_figure, synthetic_points
+from genfusion.params import TEST_SET
+from genfusion.scenes import read_scene_set
 
 if TYPE_CHECKING:
-    from genfusion.params import Params
+    from genfusion.params import EvaluateParams, Params
 
 BOX_METRICS = (("map", "AP@0.5:0.95"), ("map50", "AP50"), ("map75", "AP75"))
-# Segmentation models (task: segment) are also scored on their masks.
-MASK_METRICS = (("mask_map", "mask AP@0.5:0.95"), ("mask_map50", "mask AP50"), ("mask_map75", "mask AP75"))
-
-
-def metrics_of(records: Sequence[dict]) -> tuple[tuple[str, str], ...]:
-    """The report's columns: box AP, and mask AP when every evaluation has it."""
-    masks = bool(records) and all(MASK_METRICS[0][0] in r for r in records)
-    return BOX_METRICS + MASK_METRICS * masks
-
-
+# Averaged over seeds too, without intervals: the operating point, and the earlier tile-level protocol.
+PLAIN_METRICS = (("precision", "precision"), ("recall", "recall"), ("tile_map50", "tile AP50"))
+# Segmentation models (task: segment): mask AP, scored on the test tiles.
+MASK_METRICS = (("tile_mask_map", "tile mask AP@0.5:0.95"), ("tile_mask_map50", "tile mask AP50"))
 BASELINE = "real"
+LEVEL = 0.95
 
 
-def load_evaluations(eval_dir: Path, variants: Sequence[str], seeds: Sequence[int]) -> list[dict]:
-    records = []
-    for variant in variants:
-        for seed in seeds:
-            path = eval_dir / f"{variant}-{seed}.json"
-            try:
-                records.append(json.loads(path.read_text()))
-            except FileNotFoundError as exc:
-                raise GenfusionError(f"{path}: missing; run `dvc repro evaluate@{variant}-{seed}`") from exc
-            except json.JSONDecodeError as exc:
-                raise GenfusionError(f"{path}: not valid JSON ({exc})") from exc
-    return records
+def eval_path(eval_dir: Path, test_set: str, variant: str, seed: int) -> Path:
+    """Where the evaluate stage writes a detector's scores on `test_set`."""
+    folder = eval_dir if test_set == TEST_SET else eval_dir / test_set
+    return folder / f"{variant}-{seed}.json"
+
+
+def load_json(path: Path, stage: str):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise GenfusionError(f"{path}: missing; run `dvc repro {stage}`") from exc
+    except json.JSONDecodeError as exc:
+        raise GenfusionError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def evaluation_stage(test_set: str, variant: str, seed: int) -> str:
+    return (
+        f"evaluate@{variant}-{seed}"
+        if test_set == TEST_SET
+        else f"evaluate_extra@{variant}-{seed}-{test_set}"
+    )
+
+
+def load_evaluations(
+    eval_dir: Path, variants: Sequence[str], seeds: Sequence[int], test_set: str = TEST_SET
+) -> list[dict]:
+    return [
+        load_json(eval_path(eval_dir, test_set, v, s), evaluation_stage(test_set, v, s))
+        for v in variants
+        for s in seeds
+    ]
 
 
 def summarise(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
-    """{variant: {model: row}} with mean, std and the difference to the baseline variant."""
-    metrics = metrics_of(records)
+    """{variant: {model: row}} with the mean and std over seeds, and the difference of the means
+    to the baseline variant."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for record in records:
         groups[(record["variant"], record["model"])].append(record)
     summary: dict[str, dict[str, dict]] = defaultdict(dict)
     for (variant, model), runs in groups.items():
-        row: dict = {
-            "seeds": len(runs),
-            "train_images": runs[0]["train_images"],
-            "synthetic_images": runs[0]["synthetic_images"],
-        }
-        for key, _ in metrics:
-            values = [r[key] for r in runs]
-            row[f"{key}_mean"] = statistics.fmean(values)
-            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        row: dict = {"seeds": len(runs)}
+        for key in ("train_images", "synthetic_images"):
+            if key in runs[0]:
+                row[key] = runs[0][key]
+        for key, _ in BOX_METRICS + PLAIN_METRICS + MASK_METRICS:
+            if all(key in r for r in runs):
+                values = [r[key] for r in runs]
+                row[f"{key}_mean"] = statistics.fmean(values)
+                row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         summary[variant][model] = row
     for models in summary.values():
         for model, row in models.items():
             base = summary.get(BASELINE, {}).get(model)
-            for key, _ in metrics:
+            for key, _ in BOX_METRICS:
                 row[f"{key}_delta"] = row[f"{key}_mean"] - base[f"{key}_mean"] if base else None
     return dict(summary)
 
 
+def add_intervals(
+    summary: dict[str, dict[str, dict]],
+    records: Sequence[dict],
+    samples: dict[tuple[str, int], dict[str, np.ndarray]],
+    seeds: Sequence[int],
+    params: EvaluateParams,
+) -> None:
+    """Write each row's bootstrap interval, its paired difference to the baseline per seed and
+    pooled over seeds, and their intervals into `summary` (as `<metric>_low` / `_high`,
+    `<metric>_delta_low` / `_high` and `paired`)."""
+    points = {(r["variant"], r["seed"]): r for r in records}
+    rng = np.random.default_rng(params.bootstrap_seed)
+    resamples = len(next(iter(samples.values()))["map"])
+    # Seeds resampled with the test units (a single seed is always itself).
+    seed_draws = rng.integers(0, len(seeds), size=(resamples, len(seeds)))
+    for variant, models in summary.items():
+        for row in models.values():
+            for key, _ in BOX_METRICS:
+                runs = np.stack([samples[(variant, s)][key] for s in seeds], axis=1)  # (resamples, seeds)
+                pooled = np.take_along_axis(runs, seed_draws, axis=1).mean(axis=1)
+                row[f"{key}_low"], row[f"{key}_high"] = scoring.interval(pooled, LEVEL)
+            if variant == BASELINE or BASELINE not in summary:
+                continue
+            row["paired"] = {}
+            for key, _ in BOX_METRICS:
+                differences = np.stack(
+                    [samples[(variant, s)][key] - samples[(BASELINE, s)][key] for s in seeds], axis=1
+                )
+                pooled = np.take_along_axis(differences, seed_draws, axis=1).mean(axis=1)
+                row[f"{key}_delta_low"], row[f"{key}_delta_high"] = scoring.interval(pooled, LEVEL)
+            for seed in seeds:
+                per_seed = row["paired"].setdefault(str(seed), {})
+                for key, _ in BOX_METRICS:
+                    difference = samples[(variant, seed)][key] - samples[(BASELINE, seed)][key]
+                    per_seed[f"{key}_delta_low"], per_seed[f"{key}_delta_high"] = scoring.interval(
+                        difference, LEVEL
+                    )
+                    per_seed[f"{key}_delta"] = points[(variant, seed)][key] - points[(BASELINE, seed)][key]
+
+
+def excludes_zero(row: dict, key: str) -> bool:
+    low, high = row.get(f"{key}_delta_low"), row.get(f"{key}_delta_high")
+    return low is not None and (low > 0 or high < 0)
+
+
 def markdown_table(summary: dict[str, dict[str, dict]]) -> str:
     rows = [row for models in summary.values() for row in models.values()]
-    metrics = [(key, label) for key, label in BOX_METRICS + MASK_METRICS if f"{key}_mean" in rows[0]]
-    header = ["variant", "model", "seeds", "train images", *(label for _, label in metrics)]
+    box = BOX_METRICS
+    plain = [(k, label) for k, label in PLAIN_METRICS + MASK_METRICS if f"{k}_mean" in rows[0]]
+    header = ["variant", "model", "seeds", "train images", *(label for _, label in box)]
+    header += [f"Δ {label}" for _, label in box] + [label for _, label in plain]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant, models in summary.items():
         for model, row in models.items():
-            cells = [variant, model, str(row["seeds"]), str(row["train_images"])]
-            for key, _ in metrics:
+            cells = [variant, model, str(row["seeds"]), str(row.get("train_images", ""))]
+            for key, _ in box:
                 cell = f"{row[f'{key}_mean']:.3f}"
                 if row["seeds"] > 1:  # one seed has no spread to show
                     cell += f" ± {row[f'{key}_std']:.3f}"
-                delta = row[f"{key}_delta"]
-                if variant != BASELINE and delta is not None:
-                    cell += f" ({delta:+.3f})"
+                if f"{key}_low" in row:
+                    cell += f" [{row[f'{key}_low']:.3f}, {row[f'{key}_high']:.3f}]"
                 cells.append(cell)
+            for key, _ in box:
+                delta = row[f"{key}_delta"]
+                if variant == BASELINE or delta is None:
+                    cells.append("")
+                    continue
+                cell = f"{delta:+.3f}"
+                if f"{key}_delta_low" in row:
+                    cell += f" [{row[f'{key}_delta_low']:+.3f}, {row[f'{key}_delta_high']:+.3f}]"
+                    cell += " *" * excludes_zero(row, key)
+                cells.append(cell)
+            cells += [f"{row[f'{key}_mean']:.3f}" for key, _ in plain]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(summary: dict[str, dict[str, dict]]) -> str:
-    return (
-        "# Detector results on the real test split\n\n"
-        "Mean ± sample standard deviation over seeds; in brackets, the difference to the"
-        f" `{BASELINE}` variant with the same model. Written by `genfusion report`.\n\n"
-        + markdown_table(summary)
+def per_seed_table(summary: dict[str, dict[str, dict]]) -> str:
+    """The paired AP50 difference to the baseline of every seed, with its interval."""
+    lines = ["| variant | model | seed | Δ AP50 | Δ AP@0.5:0.95 |", "|---|---|---|---|---|"]
+    for variant, models in summary.items():
+        for model, row in models.items():
+            for seed, paired in row.get("paired", {}).items():
+                cells = [variant, model, seed]
+                for key in ("map50", "map"):
+                    low, high = paired[f"{key}_delta_low"], paired[f"{key}_delta_high"]
+                    mark = " *" if low > 0 or high < 0 else ""
+                    cells.append(f"{paired[f'{key}_delta']:+.3f} [{low:+.3f}, {high:+.3f}]{mark}")
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def describe_set(name: str, scenes: int, objects: int, units: int, params: EvaluateParams) -> str:
+    unit = (
+        f"{units} cells of {params.bootstrap_cell} px of its scenes (each object and detection in the"
+        " cell of its centre)"
+        if params.bootstrap_cell
+        else f"its {units} images"
     )
+    title = "the held-out test split" if name == TEST_SET else f"extra set `{name}`"
+    return (
+        f"## {title}\n\n{scenes} scene(s), {objects} objects, each scored once on the whole scene"
+        f" (sliced prediction, slices merged). Intervals: {params.bootstrap} bootstrap resamples of"
+        f" {unit}, and of the seeds when there are several.\n\n"
+    )
+
+
+def render_markdown(sections: Sequence[tuple[str, str, str]]) -> str:
+    """`sections`: (heading text, main table, per-seed table) per test set."""
+    text = (
+        "# Detector results on whole real scenes\n\n"
+        "COCO AP on whole scenes: mean over seeds (± sample std with several seeds), with its 95 %"
+        f" bootstrap interval in brackets. Δ: the paired difference to the `{BASELINE}` variant with"
+        " the same model, with its interval; * marks a difference whose interval excludes zero."
+        " tile AP50 is the earlier protocol (Ultralytics on overlapping test tiles, which counts an"
+        " object in an overlap once per tile). Written by `genfusion report`.\n\n"
+    )
+    for heading, table, seeds in sections:
+        text += heading + table + "\nPaired differences per seed:\n\n" + seeds + "\n"
+    return text
 
 
 def read_pr_curve(path: Path) -> tuple[list[float], list[float]]:
@@ -125,7 +239,7 @@ def pr_figure(curves: dict[str, list[tuple[list[float], list[float]]]]):
         precision = np.mean([run[1] for run in runs], axis=0)
         axes.plot(recall, precision, label=f"{variant} ({len(runs)} seed{'s' * (len(runs) > 1)})")
     axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1))
-    axes.set_title("Precision-recall at IoU 0.5 on the real test split")
+    axes.set_title("Precision-recall at IoU 0.5 on the test scenes")
     axes.legend()
     figure.tight_layout()
     return figure
@@ -144,42 +258,69 @@ def draw_boxes(image, boxes: Sequence[PixelBox], colour: str, width: int):
     return image
 
 
-def true_boxes(label: Path, names: list[str], size: tuple[int, int]) -> list[PixelBox]:
-    from genfusion.formats.yolo import read_label_file
-
-    boxes = read_label_file(label, names, size)
-    return [(b.x0, b.y0, b.x1, b.y1) for b in boxes]
-
-
-def detections_figure(detectors: dict[str, Path], real: Path, params, columns: int = 4):
-    """A row per variant: its detector's boxes (red) and the true boxes (yellow) on test tiles."""
+def detections_figure(scene_set, found: dict[str, list[dict]], params: Params, columns: int = 4):
+    """A row per variant: its detections scoring at least report.conf (red) and the true boxes
+    (yellow) on the test scenes."""
     from PIL import Image
 
     from genfusion.figures import grid
-    from genfusion.integrations.ultralytics import load_yolo
 
-    tiles = layout.image_files(real, "test")[:columns]
-    truth = {}
-    for tile in tiles:
-        with Image.open(tile) as image:
-            label = layout.label_file(real, tile.stem, "test")
-            truth[tile] = true_boxes(label, params.classes, image.size)
+    entries = scene_set.images[:columns]
+    truth: dict[int, list[PixelBox]] = defaultdict(list)
+    for box in scene_set.ground_truth["annotations"]:
+        x, y, w, h = box["bbox"]
+        truth[box["image_id"]].append((x, y, x + w, y + h))
     rows = []
-    for variant, weights in detectors.items():
-        model = load_yolo(weights)
-        results = model.predict(
-            [str(t) for t in tiles], imgsz=params.train.imgsz, conf=params.report.conf,
-            device=params.train.device, verbose=False,
-        )  # fmt: skip
-        images, found = [], 0
-        for tile, result in zip(tiles, results, strict=True):
-            boxes = result.boxes.xyxy.tolist()
-            found += len(boxes)
-            image = draw_boxes(Image.open(tile).convert("RGB"), truth[tile], "yellow", 1)
-            images.append(draw_boxes(image, boxes, "red", 2))
-        true_count = sum(len(b) for b in truth.values())
-        rows.append((f"{variant} ({weights.parent.parent.name}): {found} found, {true_count} true", images))
+    for name, detections in found.items():
+        shown: dict[int, list[PixelBox]] = defaultdict(list)
+        for d in detections:
+            if d["score"] >= params.report.conf:
+                x, y, w, h = d["bbox"]
+                shown[d["image_id"]].append((x, y, x + w, y + h))
+        images = []
+        for entry in entries:
+            image = draw_boxes(
+                Image.open(scene_set.image(entry)).convert("RGB"), truth[entry["id"]], "yellow", 1
+            )
+            images.append(draw_boxes(image, shown[entry["id"]], "red", 2))
+        found_count = sum(len(shown[e["id"]]) for e in entries)
+        true_count = sum(len(truth[e["id"]]) for e in entries)
+        rows.append((f"{name}: {found_count} found, {true_count} true", images))
     return grid(rows, columns, cell=256)
+
+
+def score_set(
+    test_set: str, scenes: Path, eval_dir: Path, predictions: Path, params: Params
+) -> tuple[dict, tuple[str, str, str], dict[str, list[dict]]]:
+    """One test set's summary with intervals, its report section, and each variant's detections
+    of its first seed."""
+    variants, seeds = params.train.variants, params.train.seeds
+    records = load_evaluations(eval_dir, variants, seeds, test_set)
+    scene_set = read_scene_set(scenes / test_set)
+    cell = params.evaluate.bootstrap_cell
+    samples, first_seed = {}, {}
+    draws = None
+    for variant in variants:
+        for seed in seeds:
+            detections = load_json(
+                predictions / test_set / f"{variant}-{seed}.json", evaluation_stage(test_set, variant, seed)
+            )
+            matches = scoring.match(scene_set.ground_truth, detections, cell)
+            if draws is None:
+                draws = scoring.unit_draws(
+                    matches.units, params.evaluate.bootstrap, params.evaluate.bootstrap_seed
+                )
+            samples[(variant, seed)] = scoring.bootstrap(matches, draws)
+            if seed == seeds[0]:
+                first_seed[f"{variant}-{seed}"] = detections
+    table = summarise(records)
+    if params.evaluate.bootstrap:
+        add_intervals(table, records, samples, seeds, params.evaluate)
+    _, units = scoring.units_of(scene_set.images, cell)
+    heading = describe_set(
+        test_set, len(scene_set.images), len(scene_set.ground_truth["annotations"]), units, params.evaluate
+    )
+    return table, (heading, markdown_table(table), per_seed_table(table)), first_seed
 
 
 def main(
@@ -187,18 +328,24 @@ def main(
     *,
     eval_dir: Path,
     pr_dir: Path,
-    detectors: Path,
-    real: Path,
+    predictions: Path,
+    scenes: Path,
     summary: Path,
     markdown: Path,
     figures: Path,
 ) -> None:
     variants, seeds = params.train.variants, params.train.seeds
-    table = summarise(load_evaluations(eval_dir, variants, seeds))
+    tables, sections = {}, []
+    for test_set in [TEST_SET, *params.evaluate.extra_sets]:
+        table, section, found = score_set(test_set, scenes, eval_dir, predictions, params)
+        tables[test_set] = table
+        sections.append(section)
+        if test_set == TEST_SET:
+            test_detections = found
     curves = {v: [read_pr_curve(pr_dir / f"{v}-{s}.csv") for s in seeds] for v in variants}
-    weights = {v: layout.detector_weights(detectors, f"{v}-{seeds[0]}") for v in variants}
     fsio.write_png(figures / "pr_curves.png", pr_figure(curves))
-    fsio.write_png(figures / "ap_vs_synthetic.png", synthetic_figure(synthetic_points(table)))
-    fsio.write_png(figures / "detections.png", detections_figure(weights, real, params))
-    fsio.write_json(summary, table)
-    fsio.write_text(markdown, render_markdown(table))
+    fsio.write_png(figures / "ap_vs_synthetic.png", synthetic_figure(synthetic_points(tables[TEST_SET])))
+    test_scenes = read_scene_set(scenes / TEST_SET)
+    fsio.write_png(figures / "detections.png", detections_figure(test_scenes, test_detections, params))
+    fsio.write_json(summary, tables)
+    fsio.write_text(markdown, render_markdown(sections))

@@ -13,7 +13,7 @@ import io
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -22,22 +22,13 @@ from genfusion import fsio, layout
 from genfusion.boxes import Box, LabelledImage
 from genfusion.errors import GenfusionError
 from genfusion.formats.yolo import yolo_line
-from genfusion.images import open_image, read_header, to_rgb
+from genfusion.images import open_image, to_rgb
 from genfusion.params import SPLITS, Params, SeedsParams
 from genfusion.progress import progress_bar
-from genfusion.tiling import Window, assign_splits, boxes_in_window, exif_box, tile_windows
+from genfusion.scenes import Scene, check_scene, write_scene_set
+from genfusion.tiling import Window, assign_splits, boxes_in_window, tile_windows
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Scene:
-    """One source image, checked: project labels, displayed frame, boxes inside the image."""
-
-    name: str
-    image: Path
-    size: tuple[int, int]
-    boxes: tuple[Box, ...]
 
 
 @dataclass(frozen=True)
@@ -51,52 +42,6 @@ class Tile:
         if self.window.width == self.scene.size[0] and self.window.height == self.scene.size[1]:
             return self.scene.name
         return f"{self.scene.name}_x{self.window.x0}_y{self.window.y0}"
-
-
-def check_scene(
-    item: LabelledImage, class_map: dict[str, str], min_box_size: float, counts: Counter, task: str = "detect"
-) -> Scene:
-    """Validate one annotated image against its pixels (header only), the class map and the task."""
-    where = item.source or item.image
-    header = read_header(item.image)
-    width, height = header.size
-    boxes = list(item.boxes)
-    if item.size and 0 not in item.size and tuple(item.size) != (width, height):
-        if header.orientation != 1 and tuple(item.size) == header.raw_size:
-            # Annotated on the stored pixels, before EXIF rotation: turn the boxes too.
-            boxes = [exif_box(b, *header.raw_size, header.orientation) for b in boxes]
-            counts["exif_rotated_boxes"] += len(boxes)
-        else:
-            raise GenfusionError(
-                f"{where}: declares image size {item.size[0]}x{item.size[1]} but {item.image}"
-                f" is {width}x{height}; the boxes would not line up"
-            )
-    kept = []
-    for box in boxes:
-        if box.label not in class_map:
-            known = ", ".join(sorted(class_map)) or "(none)"
-            raise GenfusionError(
-                f"{where}: class {box.label!r} is not in seeds.class_map (known: {known});"
-                " map it to a project class in params.yaml"
-            )
-        if task == "segment" and not box.polygon:
-            raise GenfusionError(
-                f"{where}: a {box.label!r} object in {item.image.name} has a box but no outline;"
-                " task: segment needs every object's outline (COCO segmentation polygons, Label"
-                " Studio polygons or YOLO segment lines)"
-            )
-        counts["read"] += 1
-        inside = box.clip(0, 0, width, height)
-        if box.area == 0 or inside.area == 0:
-            counts["dropped_zero_area"] += 1
-            continue
-        if inside != box:
-            counts["clipped_to_image"] += 1
-        if min(inside.width, inside.height) < min_box_size:
-            counts["dropped_small"] += 1
-            continue
-        kept.append(replace(inside, label=class_map[box.label]))
-    return Scene(item.image.stem, item.image, (width, height), tuple(kept))
 
 
 def plan_tiles(scenes: Sequence[Scene], params: SeedsParams, counts: Counter) -> list[Tile]:
@@ -219,21 +164,47 @@ def import_report(scenes: Sequence[Scene], splits: dict[str, list[Tile]], counts
     }
 
 
+def test_scenes(splits: dict[str, list[Tile]], out: Path) -> list[Scene]:
+    """The test split as whole scenes: a scene all of whose tiles are in test is scored whole; a
+    tile split alone (seeds.split_by: tile) is a scene of its own, read from `out`."""
+    tiles_of: dict[str, list[Tile]] = {}
+    for split in SPLITS:
+        for tile in splits[split]:
+            tiles_of.setdefault(tile.scene.name, []).append(tile)
+    whole = {name for name, tiles in tiles_of.items() if all(t in splits["test"] for t in tiles)}
+    scenes = {tile.scene.name: tile.scene for tile in splits["test"] if tile.scene.name in whole}
+    alone = [
+        Scene(
+            tile.name,
+            layout.images_dir(out, "test") / f"{tile.name}.png",
+            (tile.window.width, tile.window.height),
+            tile.boxes,
+        )
+        for tile in splits["test"]
+        if tile.scene.name not in whole
+    ]
+    return sorted([*scenes.values(), *alone], key=lambda scene: scene.name)
+
+
 def run_seeds(
     items: Sequence[LabelledImage],
     params: SeedsParams,
     classes: Sequence[str],
     out: Path,
     task: str = "detect",
+    *,
+    scenes_out: Path | None = None,
 ) -> dict:
-    """The stage's core: annotated images in, `out` dataset written (box or outline labels, as
-    `task` says), report returned."""
+    """The stage's core: annotated images in, `out` dataset (box or outline labels, as `task`
+    says) and, when given, `scenes_out` (the test split's scenes whole) written, report returned."""
     counts: Counter = Counter()
     scenes = [check_scene(item, params.class_map, params.min_box_size, counts, task) for item in items]
     check_tile_size(scenes, params.tile_size)
     tiles = plan_tiles(scenes, params, counts)
     splits = split_tiles(tiles, params)
     write_real_dataset(out, splits, classes, counts, task)
+    if scenes_out is not None:
+        write_scene_set(scenes_out, test_scenes(splits, out), classes, "seeds: test scenes")
     report = import_report(scenes, splits, counts)
     log.info(
         "seeds: %d scenes -> %s tiles (train/val/test), %d boxes written, %d clipped, %d dropped",
@@ -246,9 +217,11 @@ def run_seeds(
     return report
 
 
-def main(params: Params, *, out: Path, report: Path) -> None:
+def main(params: Params, *, out: Path, scenes: Path, report: Path) -> None:
     """Entry point: paths from dvc.yaml, everything else from params."""
     from genfusion.formats import read_annotations
 
     items = read_annotations(params.seeds.source, params.seeds.format)
-    fsio.write_json(report, run_seeds(items, params.seeds, params.classes, out, params.task))
+    fsio.write_json(
+        report, run_seeds(items, params.seeds, params.classes, out, params.task, scenes_out=scenes)
+    )
