@@ -185,6 +185,20 @@ def report(
 
 
 @app.command()
+def export(
+    weights: Annotated[Path, typer.Option(help="Trained weights (best.pt).")],
+    scenes: ScenesOpt,
+    out: Annotated[Path, typer.Option(help="The ONNX model to write.")],
+    metrics: Annotated[Path, typer.Option(help="The parity check's figures (JSON metric).")],
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Export a detector to ONNX and check that it scores as the PyTorch model does."""
+    from genfusion.stages.export import main
+
+    main(_params(params_path), weights=weights, scenes=scenes, out=out, metrics=metrics)
+
+
+@app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Images (any size; GeoTIFF too) or folders of them.")],
     weights: Annotated[
