@@ -269,11 +269,13 @@ def big_scene_out(detector: dict, big_scene: Path, tmp_path_factory: pytest.Temp
     return out
 
 
-def test_predict_writes_coco_and_csv_for_a_scene_of_many_slices(big_scene: Path, big_scene_out: Path) -> None:
+def test_predict_writes_coco_and_csv_for_a_scene_of_many_slices(
+    detector: dict, big_scene: Path, big_scene_out: Path
+) -> None:
     coco, rows = check_outputs(big_scene_out, {"scene.png": (4000, 4000)})
     assert coco["images"][0]["file_name"] == str(big_scene)
     assert len(rows) > 1, "no boxes: lower predict.conf or train longer"
-    assert [c["name"] for c in coco["categories"]] == ["tree"]
+    assert [c["name"] for c in coco["categories"]] == list(load_params(detector["params"]).classes)
     # Boxes come from slices all over the scene, in scene pixels.
     assert max(float(r["xmax"]) for r in rows) > 2000 and max(float(r["ymax"]) for r in rows) > 2000
     # The duplicates of overlapping slices are merged (nms, ios 0.5): no two boxes left that match.
@@ -352,7 +354,7 @@ def test_geotiff_without_crs_is_predicted_without_geojson_and_with_a_warning(
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="genfusion"):
         main(load_params(detector["params"]), weights=detector["weights"], images=[tmp_path], out=out)
-    coco, rows = check_outputs(out, {"plain.tif": (700, 500)})
+    _, rows = check_outputs(out, {"plain.tif": (700, 500)})
     assert rows
     assert not list(out.glob("*.geojson"))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -377,12 +379,15 @@ def refused(monkeypatch, capsys, detector: dict, out: Path, *images: Path, **opt
     return " ".join(err.split())  # the message, wherever the terminal wrapped it
 
 
-def test_bad_images_are_refused_naming_them(
-    detector: dict, big_scene: Path, tmp_path: Path, monkeypatch, capsys
-) -> None:
+def small_scene(detector: dict, tmp_path: Path) -> Path:
+    path = tmp_path / "good.png"
+    Image.fromarray(scene_pixels(detector["tiles"], 200, 150)).save(path)
+    return path
+
+
+def test_bad_images_are_refused_naming_them(detector: dict, tmp_path: Path, monkeypatch, capsys) -> None:
     out = tmp_path / "out"
-    good = tmp_path / "good.png"
-    Image.fromarray(scene_pixels(detector["tiles"], 200, 150)).save(good)
+    good = small_scene(detector, tmp_path)
     text = tmp_path / "x.png"
     text.write_text("not an image at all\n")
     # Nothing is written, not even the predictions of the good image before it.
@@ -428,32 +433,34 @@ def test_a_png_too_large_to_decode_whole_is_refused_with_advice(
 
 
 def test_a_slice_smaller_than_the_model_stride_is_refused(
-    detector: dict, big_scene: Path, tmp_path: Path, monkeypatch, capsys
+    detector: dict, tmp_path: Path, monkeypatch, capsys
 ) -> None:
+    scene = small_scene(detector, tmp_path)
     params = params_with(detector, tmp_path, slice=16, overlap=0)
-    message = refused(monkeypatch, capsys, detector, tmp_path / "out", big_scene, params=params)
+    message = refused(monkeypatch, capsys, detector, tmp_path / "out", scene, params=params)
     assert "predict.slice (16 px)" in message and "stride" in message
 
 
 def test_weights_that_are_no_detector_are_refused(
-    detector: dict, big_scene: Path, tmp_path: Path, monkeypatch, capsys
+    detector: dict, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     from genfusion.integrations.ultralytics import load_yolo
 
+    scene = small_scene(detector, tmp_path)
     out = tmp_path / "out"
     noise = tmp_path / "w.pt"
     noise.write_bytes(np.random.default_rng(0).bytes(4096))
-    message = refused(monkeypatch, capsys, detector, out, big_scene, weights=noise)
+    message = refused(monkeypatch, capsys, detector, out, scene, weights=noise)
     assert f"{noise}: not a YOLO detector's weights" in message
 
     classifier = tmp_path / "classify.pt"
     load_yolo("yolov8n-cls.yaml").save(classifier)
-    message = refused(monkeypatch, capsys, detector, out, big_scene, weights=classifier)
+    message = refused(monkeypatch, capsys, detector, out, scene, weights=classifier)
     assert f"{classifier}: a YOLO classify model, not a detector" in message
 
     missing = tmp_path / "gone.pt"
     assert f"{missing}: weights file not found" in refused(
-        monkeypatch, capsys, detector, out, big_scene, weights=missing
+        monkeypatch, capsys, detector, out, scene, weights=missing
     )
 
 

@@ -12,6 +12,7 @@ that both keep the same boxes.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,11 +99,13 @@ class RasterScene:
 
     def __init__(self, path: Path):
         import rasterio
-        from rasterio.errors import RasterioIOError
+        from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
         self.path = Path(path)
         try:
-            self.source = rasterio.open(self.path)
+            with warnings.catch_warnings():  # predict says itself when there is no CRS, once
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self.source = rasterio.open(self.path)
         except RasterioIOError as exc:
             raise GenfusionError(f"{self.path}: not a readable image ({exc})") from exc
         source = self.source
@@ -113,6 +116,7 @@ class RasterScene:
                 " or RGBA rasters: convert it first (e.g. gdal_translate -ot Byte -scale -b 1 -b 2 -b 3)"
             )
         self.bands = [1, 1, 1] if source.count == 1 else [1, 2, 3]
+        self.alpha = source.count == 4
         self.size = (source.width, source.height)
         self.crs = source.crs
         self.transform = source.transform if source.crs is not None else None
@@ -121,7 +125,11 @@ class RasterScene:
         from rasterio.windows import Window as RasterWindow
 
         area = RasterWindow(window.x0, window.y0, window.width, window.height)
-        return np.moveaxis(self.source.read(self.bands, window=area), 0, -1)
+        pixels = np.moveaxis(self.source.read(self.bands, window=area), 0, -1)
+        if self.alpha:  # composited onto black, as the seeds stage does with an alpha channel
+            alpha = self.source.read(4, window=area)[..., None].astype(np.uint16)
+            pixels = ((pixels * alpha + 127) // 255).astype(np.uint8)
+        return pixels
 
     def close(self) -> None:
         self.source.close()

@@ -44,13 +44,19 @@ def scene_files(paths: Sequence[Path]) -> list[Path]:
 
 def geojson(found: Detections, names: dict[int, str], crs, transform) -> dict:
     """The boxes as polygons in map coordinates (GeoJSON, with the raster's CRS named)."""
+    from rasterio.transform import xy
+
     features = []
     for (x0, y0, x1, y1), score, class_index in zip(found.boxes, found.scores, found.classes, strict=True):
-        ring = [transform * corner for corner in ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0))]
+        columns, rows = [x0, x1, x1, x0, x0], [y0, y0, y1, y1, y0]
+        xs, ys = xy(transform, rows, columns, offset="ul")  # pixel corners, not centres
         features.append(
             {
                 "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": [[[float(x), float(y)] for x, y in ring]]},
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[float(x), float(y)] for x, y in zip(xs, ys, strict=True)]],
+                },
                 "properties": {"label": names[int(class_index)], "score": round(float(score), 5)},
             }
         )
@@ -79,7 +85,15 @@ def main(params: Params, *, weights: Path, images: Sequence[Path], out: Path) ->
     rows = csv.writer(table, lineterminator="\n")
     rows.writerow(["image", "xmin", "ymin", "xmax", "ymax", "label", "score"])
     maps = {}
-    for image_id, path in enumerate(scene_files(images), start=1):
+    files = scene_files(images)
+    stems = [path.stem for path in files]
+    twice = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if twice:
+        raise GenfusionError(
+            f"several images are named {twice[0]!r} (e.g. in different folders or as .tif and .tiff);"
+            " their outputs would overwrite each other: predict them into separate --out folders"
+        )
+    for image_id, path in enumerate(files, start=1):
         scene = open_scene(path)
         try:
             found = predict_scene(
