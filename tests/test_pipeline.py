@@ -86,6 +86,10 @@ def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(repo: Path) -
             sum(e["map50"] for e in extra) / 2
         )
     assert "extra set `soap`" in table
+    for variant, seed in matrix:  # every detector exported, its ONNX model scoring as it does
+        check = json.loads((repo / f"metrics/export/{variant}-{seed}.json").read_text())
+        assert check["parity"] and check["map50_difference"] <= check["tolerance"]
+        assert (repo / f"models/onnx/{variant}-{seed}.onnx").stat().st_size > 100_000
     scene = json.loads((repo / "data/scenes/test/annotations.json").read_text())
     assert [image["file_name"] for image in scene["images"]] == ["images/OSBS_029.png"]
     assert len(scene["annotations"]) == 61  # each tree once, although the test tiles overlap
@@ -170,3 +174,15 @@ def test_metrics_and_plots_compare_across_branches(repo: Path) -> None:
     assert any(name.startswith("metrics/finetune/canopy/plots/") for name in names)
     run(repo, "dvc", "plots", "diff", "main", "-o", "plots-out")
     assert "metrics/pr/real-0.csv" in (repo / "plots-out" / "index.html").read_text()
+
+
+def test_a_registered_detector_is_fetched_by_name(repo: Path, tmp_path: Path) -> None:
+    """dvc.yaml's artifacts: a version registered with a git tag (GTO's form, as `gto register`
+    writes it) is fetched from the DVC remote by name."""
+    run(repo, "dvc", "remote", "add", "-f", "-d", "local", str(tmp_path / "remote"))
+    commit(repo, "a remote")
+    run(repo, "dvc", "push", "-q", "train@real-0")
+    run(repo, "git", "tag", "-a", "detector-real-0@v0.1.0", "-m", "Registering detector-real-0 version 0.1.0")
+    fetched = tmp_path / "real-0.pt"
+    run(tmp_path, "dvc", "artifacts", "get", str(repo), "detector-real-0", "-o", str(fetched))
+    assert fetched.read_bytes() == (repo / "models/detectors/real-0/weights/best.pt").read_bytes()
