@@ -246,3 +246,51 @@ def test_tile_smaller_than_every_box_is_an_error(tmp_path: Path) -> None:
 def test_report_is_json_serialisable(tmp_path: Path) -> None:
     report = run_seeds(three_scenes(tmp_path), seeds_params(), ["tree"], tmp_path / "out")
     assert json.loads(json.dumps(report)) == report
+
+
+def test_the_test_split_is_written_whole_each_object_once(neon_items, tmp_path: Path) -> None:
+    report = run_seeds(
+        neon_items, seeds_params(), ["tree"], tmp_path / "real", scenes_out=tmp_path / "scenes"
+    )
+    truth = json.loads((tmp_path / "scenes/annotations.json").read_text())
+    (image,) = truth["images"]
+    test_scene = next(item for item in neon_items if item.image.stem == Path(image["file_name"]).stem)
+    with (
+        Image.open(tmp_path / "scenes" / image["file_name"]) as written,
+        Image.open(test_scene.image) as source,
+    ):
+        assert written.size == (image["width"], image["height"]) == source.size
+        assert (np.asarray(written) == np.asarray(source.convert("RGB"))).all()
+    # Each object once (61 in OSBS_029), though the overlapping test tiles hold more boxes.
+    assert len(truth["annotations"]) == len(test_scene.boxes)
+    assert report["boxes_per_split"]["test"] > len(test_scene.boxes)
+    first, box = truth["annotations"][0], test_scene.boxes[0]
+    assert first["bbox"] == pytest.approx([box.x0, box.y0, box.x1 - box.x0, box.y1 - box.y0])
+    assert first["category_id"] == 1 and truth["categories"] == [{"id": 1, "name": "tree"}]
+
+
+def test_split_by_tile_scores_each_test_tile_as_a_scene(neon_items, tmp_path: Path) -> None:
+    run_seeds(
+        neon_items, seeds_params(split_by="tile"), ["tree"], tmp_path / "real", scenes_out=tmp_path / "scenes"
+    )
+    truth = json.loads((tmp_path / "scenes/annotations.json").read_text())
+    test_tiles = sorted(p.stem for p in (tmp_path / "real/images/test").glob("*.png"))
+    assert sorted(Path(i["file_name"]).stem for i in truth["images"]) == test_tiles
+    labelled = sum(len((tmp_path / f"real/labels/test/{t}.txt").read_text().splitlines()) for t in test_tiles)
+    assert len(truth["annotations"]) == labelled
+
+
+def test_a_held_out_test_scene_is_the_test_split(neon_items, tmp_path: Path) -> None:
+    for scene in ("SOAP_061", "2019_YELL_2_541000_4977000_image_crop"):
+        out = tmp_path / scene
+        report = run_seeds(
+            neon_items, seeds_params(test_scene=scene), ["tree"], out / "real", scenes_out=out / "scenes"
+        )
+        assert report["scenes_per_split"] == {"train": 1, "val": 1, "test": 1}
+        assert all(p.stem.startswith(scene) for p in (out / "real/images/test").glob("*.png"))
+        truth = json.loads((out / "scenes/annotations.json").read_text())
+        assert [i["file_name"] for i in truth["images"]] == [f"images/{scene}.png"]
+    with pytest.raises(GenfusionError, match=r"seeds.test_scene: no scene named 'nowhere'.*OSBS_029"):
+        run_seeds(neon_items, seeds_params(test_scene="nowhere"), ["tree"], tmp_path / "x")
+    with pytest.raises(ValueError, match="needs split_by: scene"):
+        seeds_params(test_scene="SOAP_061", split_by="tile")

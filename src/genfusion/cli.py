@@ -496,3 +496,43 @@ def main() -> None:
 
 if __name__ == "__main__":  # `accelerate launch -m genfusion.cli ...` runs the module
     main()
+
+
+cross_scene_app = typer.Typer(
+    help="Leave-one-scene-out evaluation: one DVC experiment per held-out scene, then pooled AP.",
+    no_args_is_help=True,
+)
+app.add_typer(cross_scene_app, name="cross-scene")
+
+
+@cross_scene_app.command("run")
+def cross_scene_run(
+    jobs: Annotated[int, typer.Option(help="Folds run at once (each a full pipeline).")] = 1,
+    dry_run: Annotated[bool, typer.Option(help="Print the dvc commands instead of running them.")] = False,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Queue and run one experiment per scene of seeds.source, holding it out as the test split."""
+    from genfusion.commands.cross_scene import run_main
+
+    sys.exit(run_main(_params(params_path), jobs=jobs, dry_run=dry_run))
+
+
+@cross_scene_app.command("report")
+def cross_scene_report(
+    scenes: Annotated[Path, typer.Option(help="Folder of the scene sets, as dvc.yaml names it.")] = Path(
+        "data/scenes"
+    ),
+    predictions: Annotated[Path, typer.Option(help="Folder of evaluate's detections.")] = Path(
+        "data/predictions"
+    ),
+    summary: Annotated[Path, typer.Option(help="JSON to write.")] = Path("metrics/cross_scene.json"),
+    markdown: Annotated[Path, typer.Option(help="Markdown to write.")] = Path("reports/cross_scene.md"),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Pool the folds' detections: AP per variant with intervals, paired differences to real, and
+    each fold's figures (params: evaluate)."""
+    from genfusion.commands.cross_scene import report_main
+
+    report_main(
+        _params(params_path), scenes=scenes, predictions=predictions, summary=summary, markdown=markdown
+    )

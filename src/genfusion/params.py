@@ -44,9 +44,14 @@ class SeedsParams(Section):
     split_by: Literal["scene", "tile"] = "scene"
     split: dict[Literal["train", "val", "test"], Fraction] = {"train": 0.7, "val": 0.15, "test": 0.15}
     split_seed: int = 0
+    test_scene: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> SeedsParams:
+        if self.test_scene is not None and self.split_by != "scene":
+            raise ValueError(
+                f"test_scene ({self.test_scene!r}) holds out a whole scene: it needs split_by: scene"
+            )
         if self.tile_overlap >= self.tile_size:
             raise ValueError(
                 f"tile_overlap ({self.tile_overlap}) must be smaller than tile_size ({self.tile_size})"

@@ -289,6 +289,28 @@ def detections_figure(scene_set, found: dict[str, list[dict]], params: Params, c
     return grid(rows, columns, cell=256)
 
 
+def interval_table(
+    ground_truth: dict,
+    detections: dict[tuple[str, int], list[dict]],
+    records: Sequence[dict],
+    params: EvaluateParams,
+) -> tuple[dict, int]:
+    """The summary of `records` with bootstrap intervals from the detections of every (variant,
+    seed) on one set of scenes, all resampled alike; and the number of resampled units."""
+    table = summarise(records)
+    seeds = sorted({seed for _, seed in detections})
+    samples, units = {}, 0
+    for key, found in detections.items():
+        matches = scoring.match(ground_truth, found, params.bootstrap_cell)
+        units = matches.units
+        if params.bootstrap:
+            draws = scoring.unit_draws(units, params.bootstrap, params.bootstrap_seed)
+            samples[key] = scoring.bootstrap(matches, draws)
+    if params.bootstrap:
+        add_intervals(table, records, samples, seeds, params)
+    return table, units
+
+
 def score_set(
     test_set: str, scenes: Path, eval_dir: Path, predictions: Path, params: Params
 ) -> tuple[dict, tuple[str, str, str], dict[str, list[dict]]]:
@@ -297,29 +319,15 @@ def score_set(
     variants, seeds = params.train.variants, params.train.seeds
     records = load_evaluations(eval_dir, variants, seeds, test_set)
     scene_set = read_scene_set(scenes / test_set)
-    cell = params.evaluate.bootstrap_cell
-    samples, first_seed = {}, {}
-    draws = None
-    for variant in variants:
-        for seed in seeds:
-            detections = load_json(
-                predictions / test_set / f"{variant}-{seed}.json", evaluation_stage(test_set, variant, seed)
-            )
-            matches = scoring.match(scene_set.ground_truth, detections, cell)
-            if draws is None:
-                draws = scoring.unit_draws(
-                    matches.units, params.evaluate.bootstrap, params.evaluate.bootstrap_seed
-                )
-            samples[(variant, seed)] = scoring.bootstrap(matches, draws)
-            if seed == seeds[0]:
-                first_seed[f"{variant}-{seed}"] = detections
-    table = summarise(records)
-    if params.evaluate.bootstrap:
-        add_intervals(table, records, samples, seeds, params.evaluate)
-    _, units = scoring.units_of(scene_set.images, cell)
-    heading = describe_set(
-        test_set, len(scene_set.images), len(scene_set.ground_truth["annotations"]), units, params.evaluate
-    )
+    detections = {
+        (v, s): load_json(predictions / test_set / f"{v}-{s}.json", evaluation_stage(test_set, v, s))
+        for v in variants
+        for s in seeds
+    }
+    table, units = interval_table(scene_set.ground_truth, detections, records, params.evaluate)
+    objects = len(scene_set.ground_truth["annotations"])
+    heading = describe_set(test_set, len(scene_set.images), objects, units, params.evaluate)
+    first_seed = {f"{v}-{seeds[0]}": detections[(v, seeds[0])] for v in variants}
     return table, (heading, markdown_table(table), per_seed_table(table)), first_seed
 
 

@@ -74,7 +74,19 @@ def split_tiles(tiles: Sequence[Tile], params: SeedsParams) -> dict[str, list[Ti
     key = (lambda t: t.scene.name) if params.split_by == "scene" else (lambda t: t.name)
     sizes = Counter(key(t) for t in tiles)
     fractions = {s: params.split[s] for s in SPLITS}
+    held_out = params.test_scene
+    if held_out is not None:
+        if held_out not in sizes:
+            raise GenfusionError(
+                f"seeds.test_scene: no scene named {held_out!r} in {params.source}; the scenes are"
+                f" {sorted(sizes)}"
+            )
+        # The held-out scene is the test split; train and val share the others as split says.
+        sizes.pop(held_out)
+        fractions = {"train": fractions["train"], "val": fractions["val"]}
     assignment = assign_splits(sizes, fractions, params.split_seed)
+    if held_out is not None:
+        assignment[held_out] = "test"
     splits: dict[str, list[Tile]] = {s: [] for s in SPLITS}
     for tile in tiles:
         splits[assignment[key(tile)]].append(tile)

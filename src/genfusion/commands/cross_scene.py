@@ -1,0 +1,202 @@
+"""`genfusion cross-scene run | report`: leave-one-scene-out folds, run as DVC experiments and pooled.
+
+With a handful of scenes, the one test scene of the split decides every figure. Cross-scene
+evaluation holds out each scene once: fold `<scene>` is the whole pipeline up to the report with
+`seeds.test_scene=<scene>` (train and val share the other scenes as `seeds.split` says), run as a
+DVC experiment named `fold-<scene>`. Each fold retrains everything that the split feeds (base
+model, fine-tuning, generation, labels, detectors), so a fold costs a full `dvc repro`.
+
+`report` reads every fold's test scene and detections from the experiments (DVC's cache), and
+scores them together: pooled COCO AP over all folds' scenes, each variant's paired difference to
+`real`, and bootstrap intervals that resample the cells of all the folds' scenes (and the seeds),
+as the report stage does for one test set; plus a table of each fold's own figures.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from genfusion import fsio, scoring
+from genfusion.errors import GenfusionError
+from genfusion.params import Params, override_value, parse_params
+from genfusion.scenes import ANNOTATIONS
+from genfusion.stages.evaluate import model_name
+from genfusion.stages.report import interval_table, markdown_table, per_seed_table
+
+FOLD_PREFIX = "fold-"
+
+
+def scene_names(params: Params) -> list[str]:
+    """The scenes of `seeds.source`, as the seeds stage names them (the image's stem)."""
+    from genfusion.formats import read_annotations
+
+    return sorted({item.image.stem for item in read_annotations(params.seeds.source, params.seeds.format)})
+
+
+def fold_name(scene: str) -> str:
+    """An experiment name git accepts as a ref."""
+    return FOLD_PREFIX + re.sub(r"[^A-Za-z0-9_.-]+", "-", scene)
+
+
+def run_commands(params: Params, jobs: int) -> list[list[str]]:
+    """Queue one experiment per scene (up to the report, which is all a fold needs), then run them."""
+    commands = [
+        [
+            "dvc",
+            "exp",
+            "run",
+            "--queue",
+            "-n",
+            fold_name(scene),
+            "-S",
+            f"seeds.test_scene={override_value(scene)}",
+            "report",
+        ]
+        for scene in scene_names(params)
+    ]
+    return [*commands, ["dvc", "exp", "run", "--run-all", "-j", str(jobs)]]
+
+
+def run_main(params: Params, *, jobs: int, dry_run: bool) -> int:
+    for command in run_commands(params, jobs):
+        if dry_run:
+            print(shlex.join(command))
+            continue
+        done = subprocess.run(command)
+        if done.returncode:
+            return done.returncode
+    return 0
+
+
+@dataclass(frozen=True)
+class Fold:
+    scene: str
+    name: str
+    rev: str
+    params: Params
+    summary: dict  # the fold's metrics/summary.json
+
+
+def folds_in(shown: object) -> list[Fold]:
+    """The finished experiments of `dvc exp show --json` that hold out a scene."""
+    found: list[Fold] = []
+    if isinstance(shown, dict):
+        data = shown.get("data") or {}
+        values = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+        summary = ((data.get("metrics") or {}).get("metrics/summary.json") or {}).get("data")
+        scene = (values.get("seeds") or {}).get("test_scene")
+        if scene and summary and shown.get("name"):
+            found.append(Fold(scene, shown["name"], shown["rev"], parse_params(values), summary))
+        for value in shown.values():
+            found += folds_in(value)
+    elif isinstance(shown, list):
+        for value in shown:
+            found += folds_in(value)
+    return found
+
+
+def pooled(
+    folds: Sequence[Fold], scenes: Path, predictions: Path
+) -> tuple[dict, dict[tuple[str, int], list[dict]]]:
+    """All folds' test scenes as one ground truth, and every (variant, seed)'s detections on them."""
+    import dvc.api
+
+    truth: dict = {"images": [], "annotations": [], "categories": None}
+    detections: dict[tuple[str, int], list[dict]] = {}
+    for fold in folds:
+        fold_truth = json.loads(dvc.api.read(str(scenes / "test" / ANNOTATIONS), rev=fold.rev))
+        truth["categories"] = truth["categories"] or fold_truth["categories"]
+        offset = len(truth["images"])  # image ids 1..n of each fold follow the previous fold's
+        truth["images"] += [image | {"id": image["id"] + offset} for image in fold_truth["images"]]
+        truth["annotations"] += [
+            box | {"id": len(truth["annotations"]) + i, "image_id": box["image_id"] + offset}
+            for i, box in enumerate(fold_truth["annotations"], start=1)
+        ]
+        for variant in fold.params.train.variants:
+            for seed in fold.params.train.seeds:
+                path = predictions / "test" / f"{variant}-{seed}.json"
+                found = json.loads(dvc.api.read(str(path), rev=fold.rev))
+                detections.setdefault((variant, seed), []).extend(
+                    d | {"image_id": d["image_id"] + offset} for d in found
+                )
+    return truth, detections
+
+
+def fold_table(folds: Sequence[Fold]) -> str:
+    """Each fold's AP50 per variant (mean over seeds, with its interval, and the paired difference)."""
+    variants = list(folds[0].params.train.variants)
+    lines = ["| held-out scene | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for fold in folds:
+        cells = []
+        for variant in variants:
+            row = next(iter(fold.summary["test"][variant].values()))
+            cell = f"{row['map50_mean']:.3f}"
+            if "map50_low" in row:
+                cell += f" [{row['map50_low']:.3f}, {row['map50_high']:.3f}]"
+            if variant != "real" and row.get("map50_delta") is not None:
+                cell += f", Δ {row['map50_delta']:+.3f}"
+            cells.append(cell)
+        lines.append(f"| {fold.scene} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report_main(params: Params, *, scenes: Path, predictions: Path, summary: Path, markdown: Path) -> None:
+    done = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+    if done.returncode:
+        raise GenfusionError(f"cross-scene: `dvc exp show --json` failed: {done.stderr.strip()}")
+    folds = sorted(folds_in(json.loads(done.stdout)), key=lambda fold: fold.scene)
+    if not folds:
+        raise GenfusionError(
+            "cross-scene: no finished fold experiment; run `genfusion cross-scene run` first"
+        )
+    held_out = [fold.scene for fold in folds]
+    twice = sorted({scene for scene in held_out if held_out.count(scene) > 1})
+    if twice:
+        names = [fold.name for fold in folds if fold.scene == twice[0]]
+        raise GenfusionError(
+            f"cross-scene: scene {twice[0]!r} is held out by several experiments ({', '.join(names)});"
+            " remove the stale ones with `dvc exp remove`"
+        )
+    missing = sorted(set(scene_names(params)) - set(held_out))
+    if missing:
+        raise GenfusionError(
+            f"cross-scene: no finished fold holds out {missing}; run `genfusion cross-scene run`"
+        )
+    plans = {
+        (tuple(f.params.train.variants), tuple(f.params.train.seeds), f.params.train.model) for f in folds
+    }
+    if len(plans) > 1:
+        raise GenfusionError(
+            f"cross-scene: the folds train different variants, seeds or models: {sorted(plans)}"
+        )
+    truth, detections = pooled(folds, scenes, predictions)
+    model = model_name(folds[0].params.train.model)
+    records = []
+    for (variant, seed), found in detections.items():
+        metrics, _ = scoring.score(scoring.match(truth, found, None), params.evaluate.pr_conf)
+        records.append({"variant": variant, "seed": seed, "model": model, **metrics})
+    table, units = interval_table(truth, detections, records, params.evaluate)
+    cell = params.evaluate.bootstrap_cell
+    unit = f"{units} cells of {cell} px" if cell else f"{units} images"
+    fsio.write_json(summary, {"pooled": table, "folds": {fold.scene: fold.summary["test"] for fold in folds}})
+    fsio.write_text(
+        markdown,
+        "# Cross-scene evaluation (leave one scene out)\n\n"
+        f"{len(folds)} folds, each holding out one scene as the test split ({', '.join(held_out)}):"
+        f" {len(truth['images'])} scenes, {len(truth['annotations'])} objects in all, each scored once"
+        f" by the detectors that never saw it. Pooled COCO AP over every fold's scene; intervals:"
+        f" {params.evaluate.bootstrap} bootstrap resamples of {unit} of all the scenes (and of the"
+        " seeds); Δ is the paired difference to `real`, * when its interval excludes zero."
+        " Written by `genfusion cross-scene report`.\n\n## Pooled\n\n"
+        + markdown_table(table)
+        + "\nPaired differences per seed:\n\n"
+        + per_seed_table(table)
+        + "\n## Each fold (AP50 on its held-out scene, mean over seeds [95 % interval], Δ to real)\n\n"
+        + fold_table(folds),
+    )

@@ -1,0 +1,65 @@
+"""Leave-one-scene-out folds as DVC experiments, pooled: on a copy of the project, tiny settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from project import project_repo, run
+from test_pipeline import TINY
+
+from genfusion.commands.cross_scene import fold_name, folds_in, run_commands
+from genfusion.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENES = {"2019_YELL_2_541000_4977000_image_crop": 279, "OSBS_029": 61, "SOAP_061": 37}
+# Two variants, one seed: the folds still pair `variations` with `real`, at a third of the cost.
+FOLD_PARAMS = TINY | {
+    "train": TINY["train"] | {"variants": ["real", "variations"], "seeds": [0]},
+    "datasets": {"variants": ["variations"]},
+    "evaluate": {"bootstrap": 200},
+}
+
+
+def test_run_queues_one_fold_per_scene_up_to_the_report(neon_seeds: Path, tmp_path: Path) -> None:
+    params = load_params(ROOT / "params.yaml")
+    commands = run_commands(
+        params.model_copy(update={"seeds": params.seeds.model_copy(update={"source": neon_seeds})}), 2
+    )
+    assert commands[-1] == ["dvc", "exp", "run", "--run-all", "-j", "2"]
+    queued = {c[c.index("-n") + 1]: c[c.index("-S") + 1] for c in commands[:-1]}
+    assert queued == {
+        fold_name(scene): f"seeds.test_scene={scene if scene[0].isalpha() else repr(scene)}"
+        for scene in SCENES
+    }
+    assert all(c[:4] == ["dvc", "exp", "run", "--queue"] and c[-1] == "report" for c in commands[:-1])
+    assert fold_name("plot 7/a") == "fold-plot-7-a"
+
+
+@pytest.mark.integration
+def test_folds_hold_out_each_scene_and_pool_every_object(tmp_path_factory: pytest.TempPathFactory) -> None:
+    repo = project_repo(tmp_path_factory.mktemp("folds"), FOLD_PARAMS)
+    run(repo, "dvc", "pull", "-q", "data/seeds/neon-trees.dvc")
+    run(repo, "genfusion", "cross-scene", "run")
+    shown = json.loads(run(repo, "dvc", "exp", "show", "--json"))
+    folds = {fold.scene: fold for fold in folds_in(shown)}
+    assert set(folds) == set(SCENES)
+    for scene, fold in folds.items():
+        test = fold.summary["test"]
+        assert set(test) == {"real", "variations"}
+        assert fold.params.seeds.test_scene == scene and fold.name == fold_name(scene)
+    run(repo, "genfusion", "cross-scene", "report")
+    pooled = json.loads((repo / "metrics/cross_scene.json").read_text())
+    table = (repo / "reports/cross_scene.md").read_text()
+    assert f"{len(SCENES)} scenes, {sum(SCENES.values())} objects in all" in table
+    for scene in SCENES:
+        row = folds[scene].summary["test"]["real"]["yolov8n"]
+        assert pooled["folds"][scene]["real"]["yolov8n"]["map50_mean"] == row["map50_mean"]
+        assert f"| {scene} | {row['map50_mean']:.3f}" in table
+    variations = pooled["pooled"]["variations"]["yolov8n"]
+    assert variations["map50_delta_low"] <= variations["map50_delta"] <= variations["map50_delta_high"]
+    assert variations["map50_low"] <= variations["map50_mean"] <= variations["map50_high"]
+    before = table
+    run(repo, "genfusion", "cross-scene", "report")
+    assert (repo / "reports/cross_scene.md").read_text() == before  # the same resamples every time
