@@ -508,13 +508,19 @@ app.add_typer(cross_scene_app, name="cross-scene")
 @cross_scene_app.command("run")
 def cross_scene_run(
     jobs: Annotated[int, typer.Option(help="Folds run at once (each a full pipeline).")] = 1,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", "-S", help="A param of every fold, as `dvc exp run -S` takes it (train.seeds=[0])."
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the dvc commands instead of running them.")] = False,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Queue and run one experiment per scene of seeds.source, holding it out as the test split."""
     from genfusion.commands.cross_scene import run_main
 
-    sys.exit(run_main(_params(params_path), jobs=jobs, dry_run=dry_run))
+    sys.exit(run_main(_params(params_path), jobs=jobs, overrides=set_ or [], dry_run=dry_run))
 
 
 @cross_scene_app.command("report")

@@ -75,7 +75,7 @@ Variant = Literal["real", "synthetic", "mixed", "variations"]
 
 class TrainParams(Section):
     variants: list[Variant] = ["real", "synthetic", "mixed", "variations"]
-    seeds: list[int] = [0]
+    seeds: list[int] = [0, 1, 2]
     model: str = "yolov8n.yaml"
     imgsz: PositiveInt = 256
     epochs: PositiveInt = 100

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RASTER_SUFFIXES = (".tif", ".tiff")
+GDAL_CACHE_MB = 64
 
 
 @dataclass(frozen=True)
@@ -102,18 +103,24 @@ class RasterScene:
         from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
         self.path = Path(path)
+        # GDAL keeps every decoded block by default (up to 5 % of RAM), so memory would grow with
+        # the scene; windows go row by row, and a few rows of blocks is all they reuse.
+        self.env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+        self.env.__enter__()
         try:
             with warnings.catch_warnings():  # predict says itself when there is no CRS, once
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 self.source = rasterio.open(self.path)
         except RasterioIOError as exc:
+            self.env.__exit__(None, None, None)
             raise GenfusionError(f"{self.path}: not a readable image ({exc})") from exc
         source = self.source
-        if source.count not in (1, 3, 4) or source.dtypes[0] != "uint8":
-            self.source.close()
+        if source.count not in (1, 3, 4) or set(source.dtypes) != {"uint8"}:
+            self.close()
             raise GenfusionError(
-                f"{self.path}: {source.count} band(s) of {source.dtypes[0]}; predict reads 8-bit grey, RGB"
-                " or RGBA rasters: convert it first (e.g. gdal_translate -ot Byte -scale -b 1 -b 2 -b 3)"
+                f"{self.path}: {source.count} band(s) of {'/'.join(sorted(set(source.dtypes)))}; predict"
+                " reads 8-bit grey, RGB or RGBA rasters: convert it first (e.g. gdal_translate -ot Byte"
+                " -scale -b 1 -b 2 -b 3)"
             )
         self.bands = [1, 1, 1] if source.count == 1 else [1, 2, 3]
         self.alpha = source.count == 4
@@ -133,6 +140,7 @@ class RasterScene:
 
     def close(self) -> None:
         self.source.close()
+        self.env.__exit__(None, None, None)
 
 
 def open_scene(path: Path) -> PillowScene | RasterScene:

@@ -44,27 +44,21 @@ def fold_name(scene: str) -> str:
     return FOLD_PREFIX + re.sub(r"[^A-Za-z0-9_.-]+", "-", scene)
 
 
-def run_commands(params: Params, jobs: int) -> list[list[str]]:
-    """Queue one experiment per scene (up to the report, which is all a fold needs), then run them."""
-    commands = [
-        [
-            "dvc",
-            "exp",
-            "run",
-            "--queue",
-            "-n",
-            fold_name(scene),
-            "-S",
-            f"seeds.test_scene={override_value(scene)}",
-            "report",
-        ]
-        for scene in scene_names(params)
-    ]
+def run_commands(params: Params, jobs: int, overrides: Sequence[str] = ()) -> list[list[str]]:
+    """Queue one experiment per scene (up to the report, which is all a fold needs), with the
+    `dvc exp run -S` overrides given for every fold, then run them."""
+    common = [word for override in overrides for word in ("-S", override)]
+    commands = []
+    for scene in scene_names(params):
+        held_out = ["-S", f"seeds.test_scene={override_value(scene)}"]
+        commands.append(
+            ["dvc", "exp", "run", "--queue", "-n", fold_name(scene), *held_out, *common, "report"]
+        )
     return [*commands, ["dvc", "exp", "run", "--run-all", "-j", str(jobs)]]
 
 
-def run_main(params: Params, *, jobs: int, dry_run: bool) -> int:
-    for command in run_commands(params, jobs):
+def run_main(params: Params, *, jobs: int, overrides: Sequence[str], dry_run: bool) -> int:
+    for command in run_commands(params, jobs, overrides):
         if dry_run:
             print(shlex.join(command))
             continue
