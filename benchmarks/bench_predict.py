@@ -13,8 +13,8 @@ it times
 and prints for each the wall time (best of `--repeats`, reading the file included), megapixels
 per second, peak memory and the boxes found, with the ratio of megapixels per second ours / SAHI.
 Then it runs `predict_scene` once on the GeoTIFF and the PNG of each of `--sizes`: the GeoTIFF is
-read window by window, so only GDAL's block cache (by default up to 5 % of RAM) grows with the
-scene, which a run with GDAL_CACHEMAX=`--gdal-cache` MB shows; the PNG is decoded whole.
+read window by window (GDAL's block cache capped by `genfusion.prediction.GDAL_CACHE_MB`), the
+PNG is decoded whole.
 
 Memory is the resident set (RSS, so torch's, numpy's and GDAL's allocations all count): each run
 is a fresh spawned process, and "growth" is its peak RSS (`ru_maxrss`) less its RSS just before
@@ -188,14 +188,10 @@ def setup_sahi(params_path: str, weights: str, threads: int):
     return run
 
 
-def predict_once(
-    kind: str, path: str, params_path: str, weights: str, threads: int, env: dict | None = None
-) -> dict:
+def predict_once(kind: str, path: str, params_path: str, weights: str, threads: int) -> dict:
     """In a worker process: one timed prediction of the scene at `path` (reading the file
-    included), with the process's RSS before its first timed run and its peak RSS so far.
-    `env` is set before the first call imports anything (GDAL reads GDAL_CACHEMAX once)."""
+    included), with the process's RSS before its first timed run and its peak RSS so far."""
     if kind not in _loaded:
-        os.environ.update(env or {})
         setup = setup_genfusion if kind == "genfusion" else setup_sahi
         run = setup(params_path, weights, threads)
         _loaded[kind] = (run, rss_mb())
@@ -242,9 +238,6 @@ def main() -> None:
         "--sizes", type=int, nargs="*", default=[2000, 4000, 8000], help="scene sides of the memory runs"
     )
     parser.add_argument("--compress", default="deflate", help="GeoTIFF compression (none, deflate, lzw)")
-    parser.add_argument(
-        "--gdal-cache", type=int, default=64, help="GDAL_CACHEMAX (MB) of the capped GeoTIFF memory runs"
-    )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
@@ -295,17 +288,10 @@ def main() -> None:
             pool.shutdown()
 
         memory = {}
-        capped = {"GDAL_CACHEMAX": str(args.gdal_cache)}
         for size in args.sizes:
-            for kind, path, env in (
-                ("GeoTIFF", scenes[size][1], None),
-                ("GeoTIFF capped", scenes[size][1], capped),
-                ("PNG", scenes[size][0], None),
-            ):
+            for kind, path in (("GeoTIFF", scenes[size][1]), ("PNG", scenes[size][0])):
                 with worker() as pool:
-                    memory[size, kind] = pool.submit(
-                        predict_once, "genfusion", str(path), *common, env
-                    ).result()
+                    memory[size, kind] = pool.submit(predict_once, "genfusion", str(path), *common).result()
                 print(f"memory run, {kind} {size} px: {memory[size, kind]['seconds']:.2f} s", flush=True)
 
     megapixels = args.size**2 / 1e6
@@ -347,24 +333,15 @@ def main() -> None:
         return
     print()
     print("memory by scene size (genfusion predict, one run each in a fresh process; growth = peak RSS")
-    print(
-        "less the RSS before the run; GDAL's block cache left at its default, 5 % of RAM, and capped"
-        f" at GDAL_CACHEMAX={args.gdal_cache} MB)"
-    )
-    print(
-        "| side px |    MP | GeoTIFF s | GeoTIFF growth MB | capped s | capped growth MB | PNG s |"
-        " PNG growth MB | decoded scene MB |"
-    )
-    print(
-        "|--------:|------:|----------:|------------------:|---------:|-----------------:|------:|"
-        "--------------:|-----------------:|"
-    )
+    print("less the RSS before the run)")
+    print("| side px |    MP | GeoTIFF s | GeoTIFF growth MB | PNG s | PNG growth MB | decoded scene MB |")
+    print("|--------:|------:|----------:|------------------:|------:|--------------:|-----------------:|")
     for size in args.sizes:
         cells = []
-        for kind in ("GeoTIFF", "GeoTIFF capped", "PNG"):
+        for kind in ("GeoTIFF", "PNG"):
             run = memory[size, kind]
             cells += [f"{run['seconds']:.2f}", f"{run['peak'] - run['before']:.0f}"]
-        widths = (9, 17, 8, 16, 5, 13)
+        widths = (9, 17, 5, 13)
         row = " | ".join(cell.rjust(width) for cell, width in zip(cells, widths, strict=True))
         print(f"| {size:7d} | {size**2 / 1e6:5.1f} | {row} | {size**2 * 3 / 2**20:16.0f} |")
 

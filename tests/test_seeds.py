@@ -294,3 +294,25 @@ def test_a_held_out_test_scene_is_the_test_split(neon_items, tmp_path: Path) -> 
         run_seeds(neon_items, seeds_params(test_scene="nowhere"), ["tree"], tmp_path / "x")
     with pytest.raises(ValueError, match="needs split_by: scene"):
         seeds_params(test_scene="SOAP_061", split_by="tile")
+
+
+def test_an_extra_test_set_is_imported_whole_and_checked_like_the_seeds(
+    neon_seeds: Path, tmp_path: Path
+) -> None:
+    from genfusion.params import load_params
+    from genfusion.stages.test_set import main
+
+    source = tmp_path / "site"
+    source.mkdir()
+    for suffix in (".png", ".xml"):
+        (source / f"SOAP_061{suffix}").write_bytes((neon_seeds / f"SOAP_061{suffix}").read_bytes())
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    main(params, name="site", source=source, out=tmp_path / "scenes/site")
+    truth = json.loads((tmp_path / "scenes/site/annotations.json").read_text())
+    assert [i["file_name"] for i in truth["images"]] == ["images/SOAP_061.png"]
+    assert len(truth["annotations"]) == 37  # Alive and Dead, both mapped to tree
+    xml = (source / "SOAP_061.xml").read_text().replace("<name>Dead</name>", "<name>Stump</name>")
+    (source / "SOAP_061.xml").write_text(xml)
+    with pytest.raises(GenfusionError, match=r"SOAP_061\.xml: class 'Stump' is not in seeds.class_map"):
+        main(params, name="site", source=source, out=tmp_path / "scenes/other")
+    assert not (tmp_path / "scenes/other").exists()

@@ -61,10 +61,14 @@ class Detections:
 class SceneImage(Protocol):
     path: Path
     size: tuple[int, int]  # (width, height)
+    crs: object | None  # a georeferenced raster's CRS (rasterio's), else None
+    transform: object | None  # its pixel-to-map affine transform, when it has a CRS
 
     def read(self, window: Window) -> np.ndarray:
         """The window's pixels, (height, width, 3) 8-bit RGB."""
         ...
+
+    def close(self) -> None: ...
 
 
 class PillowScene:

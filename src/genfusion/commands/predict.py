@@ -100,7 +100,7 @@ def main(params: Params, *, weights: Path, images: Sequence[Path], out: Path) ->
                 model, scene, params.predict, conf=params.predict.conf, iou=params.predict.iou,
                 imgsz=params.train.imgsz, device=params.train.device,
             )  # fmt: skip
-            if getattr(scene, "crs", None) is not None:
+            if scene.crs is not None:
                 maps[f"{path.stem}.geojson"] = geojson(found, names, scene.crs, scene.transform)
             elif path.suffix.lower() in (".tif", ".tiff"):
                 log.warning("%s: no CRS (not georeferenced): no GeoJSON written for it", path)

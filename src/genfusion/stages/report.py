@@ -286,7 +286,7 @@ def detections_figure(scene_set, found: dict[str, list[dict]], params: Params, c
         found_count = sum(len(shown[e["id"]]) for e in entries)
         true_count = sum(len(truth[e["id"]]) for e in entries)
         rows.append((f"{name}: {found_count} found, {true_count} true", images))
-    return grid(rows, columns, cell=256)
+    return grid(rows, len(entries), cell=400)
 
 
 def interval_table(
