@@ -148,12 +148,14 @@ def markdown_table(summary: dict[str, dict[str, dict]]) -> str:
     rows = [row for models in summary.values() for row in models.values()]
     box = BOX_METRICS
     plain = [(k, label) for k, label in PLAIN_METRICS + MASK_METRICS if f"{k}_mean" in rows[0]]
-    header = ["variant", "model", "seeds", "train images", *(label for _, label in box)]
+    # Pooled folds (cross-scene) train on different images per fold: no one count to show.
+    counted = "train_images" in rows[0]
+    header = ["variant", "model", "seeds", *["train images"] * counted, *(label for _, label in box)]
     header += [f"Δ {label}" for _, label in box] + [label for _, label in plain]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant, models in summary.items():
         for model, row in models.items():
-            cells = [variant, model, str(row["seeds"]), str(row.get("train_images", ""))]
+            cells = [variant, model, str(row["seeds"]), *[str(row.get("train_images"))] * counted]
             for key, _ in box:
                 cell = f"{row[f'{key}_mean']:.3f}"
                 if row["seeds"] > 1:  # one seed has no spread to show
