@@ -165,14 +165,14 @@ def test_every_stage_declares_what_it_reads(traced: list[tuple[dict, dict]]) -> 
 def test_a_read_left_out_of_the_declaration_is_named(traced: list[tuple[dict, dict]]) -> None:
     stage, trace = next((s, t) for s, t in traced if s["name"] == "report")
     modules = [dep for dep in stage["deps"] if dep.startswith("src/") and dep in trace["modules"]]
-    assert modules and "data/real" in stage["deps"] and "report" in stage["params"]
+    assert modules and "data/scenes" in stage["deps"] and "report" in stage["params"]
     reduced = stage | {
         "params": [key for key in stage["params"] if key != "report"],
-        "deps": [dep for dep in stage["deps"] if dep != "data/real" and dep not in modules],
+        "deps": [dep for dep in stage["deps"] if dep != "data/scenes" and dep not in modules],
     }
     planted = set(undeclared(trace, reduced)) - set(undeclared(trace, stage))
     assert "report: reads param report.conf, not declared" in planted
-    assert any(m.startswith("report: reads data/real/") for m in planted), planted
+    assert any(m.startswith("report: reads data/scenes/") for m in planted), planted
     assert {f"report: imports {module}, not declared" for module in modules} <= planted
 
 

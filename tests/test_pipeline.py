@@ -113,24 +113,14 @@ def test_a_changed_param_touches_only_the_stages_that_read_it(repo: Path) -> Non
     (repo / "params.yaml").write_text(params)
     assert "up to date" in run(repo, "dvc", "status")
 
-    out = run(repo, "dvc", "exp", "run", "-S", "train.epochs=2", "-n", "two-epochs")
-    for variant, seed in train_matrix(repo):
-        assert f"Running stage 'train@{variant}-{seed}'" in out
-        assert f"Running stage 'evaluate@{variant}-{seed}'" in out
+    # An experiment that changes a key only the report reads: the report alone reruns.
+    out = run(repo, "dvc", "exp", "run", "-S", "evaluate.bootstrap=100", "-n", "fewer-resamples")
     assert "Running stage 'report'" in out
-    for untouched in (
-        "seeds",
-        "base_model",
-        "finetune@canopy",
-        "generate@canopy",
-        "variations",
-        "real_dataset",
-    ):
-        assert f"Running stage '{untouched}'" not in out
+    assert out.count("Running stage") == 1, out
     assert "up to date" in run(repo, "dvc", "status")
     table = json.loads(run(repo, "dvc", "exp", "show", "--json"))
     text = json.dumps(table)
-    assert "two-epochs" in text and "map50_delta_low" in text
+    assert "fewer-resamples" in text and "map50_delta_low" in text
 
 
 def queued_params(shown: object) -> list[dict]:
@@ -159,9 +149,11 @@ def test_a_profile_sweep_queues_one_experiment_per_value(repo: Path) -> None:
 
 
 def test_metrics_and_plots_compare_across_branches(repo: Path) -> None:
-    run(repo, "git", "checkout", "-q", "-b", "more-epochs")
-    run(repo, "dvc", "exp", "apply", "two-epochs")
-    commit(repo, "two epochs")
+    run(
+        repo, "git", "checkout", "-q", "-b", "resamples"
+    )  # not the experiment's name: apply would take the branch
+    run(repo, "dvc", "exp", "apply", "fewer-resamples")
+    commit(repo, "fewer resamples")
     diff = json.loads(run(repo, "dvc", "metrics", "diff", "main", "--all", "--json"))
     assert {"map", "map50", "map75"} <= set(diff["metrics/eval/real-0.json"])
     tiles = diff["metrics/import.json"]["tiles.train"]
