@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genfusion import fsio, scoring
+from genfusion.commands.experiments import revisions
 from genfusion.errors import GenfusionError
 from genfusion.params import Params, override_value, parse_params
 from genfusion.scenes import ANNOTATIONS
@@ -79,20 +80,17 @@ class Fold:
 
 def folds_in(shown: object) -> list[Fold]:
     """The finished experiments of `dvc exp show --json` that hold out a scene."""
-    found: list[Fold] = []
-    if isinstance(shown, dict):
-        data = shown.get("data") or {}
-        values = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-        summary = ((data.get("metrics") or {}).get("metrics/summary.json") or {}).get("data")
-        scene = (values.get("seeds") or {}).get("test_scene")
-        if scene and summary and shown.get("name"):
-            found.append(Fold(scene, shown["name"], shown["rev"], parse_params(values), summary))
-        for value in shown.values():
-            found += folds_in(value)
-    elif isinstance(shown, list):
-        for value in shown:
-            found += folds_in(value)
-    return found
+    return [
+        Fold(
+            rev["params"]["seeds"]["test_scene"],
+            rev["name"],
+            rev["rev"],
+            parse_params(rev["params"]),
+            rev["summary"],
+        )
+        for rev in revisions(shown)
+        if rev.get("name") and rev["summary"] and (rev["params"].get("seeds") or {}).get("test_scene")
+    ]
 
 
 def pooled(
@@ -141,7 +139,8 @@ def fold_table(folds: Sequence[Fold]) -> str:
 
 
 def report_main(params: Params, *, scenes: Path, predictions: Path, summary: Path, markdown: Path) -> None:
-    done = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+    # Every commit's experiments: folds run before the last commit still count.
+    done = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], capture_output=True, text=True)
     if done.returncode:
         raise GenfusionError(f"cross-scene: `dvc exp show --json` failed: {done.stderr.strip()}")
     folds = sorted(folds_in(json.loads(done.stdout)), key=lambda fold: fold.scene)

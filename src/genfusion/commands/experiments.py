@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from genfusion import fsio
@@ -25,22 +26,28 @@ def exp_main(profile: Path, params_path: Path, *, name: str | None, queue: bool,
     return subprocess.run(command).returncode
 
 
-def experiment_summaries(shown: object) -> list[dict]:
-    """The test-scene table of every `metrics/summary.json` in `dvc exp show --json` output
-    (workspace, commits and their experiments). Summaries written before scenes were scored whole
-    have no `test` table and are left out: their tile-level AP is not comparable."""
-    found = []
+def revisions(shown: object) -> Iterator[dict]:
+    """Every revision in `dvc exp show --json` output (workspace, commits and their experiments),
+    with its params (params.yaml) and the summary (metrics/summary.json) as `params` and `summary`
+    (empty when it has none)."""
     if isinstance(shown, dict):
-        metrics = (shown.get("data") or {}).get("metrics") or {}
-        summary = (metrics.get("metrics/summary.json") or {}).get("data")
-        if summary and TEST_SET in summary:
-            found.append(summary[TEST_SET])
+        data = shown.get("data")
+        if "rev" in shown and isinstance(data, dict):
+            params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+            summary = ((data.get("metrics") or {}).get("metrics/summary.json") or {}).get("data") or {}
+            yield shown | {"params": params, "summary": summary}
         for value in shown.values():
-            found += experiment_summaries(value)
+            yield from revisions(value)
     elif isinstance(shown, list):
         for value in shown:
-            found += experiment_summaries(value)
-    return found
+            yield from revisions(value)
+
+
+def experiment_summaries(shown: object) -> list[dict]:
+    """The test-scene table of every `metrics/summary.json` in `dvc exp show --json` output.
+    Summaries written before scenes were scored whole have no `test` table and are left out:
+    their tile-level AP is not comparable."""
+    return [rev["summary"][TEST_SET] for rev in revisions(shown) if TEST_SET in rev["summary"]]
 
 
 def sweep_main(out: Path) -> None:
