@@ -301,14 +301,13 @@ def interval_table(
     seed) on one set of scenes, all resampled alike; and the number of resampled units."""
     table = summarise(records)
     seeds = sorted({seed for _, seed in detections})
-    samples, units = {}, 0
-    for key, found in detections.items():
-        matches = scoring.match(ground_truth, found, params.bootstrap_cell)
-        units = matches.units
-        if params.bootstrap:
-            draws = scoring.unit_draws(units, params.bootstrap, params.bootstrap_seed)
-            samples[key] = scoring.bootstrap(matches, draws)
+    _, units = scoring.units_of(ground_truth["images"], params.bootstrap_cell)
     if params.bootstrap:
+        draws = scoring.unit_draws(units, params.bootstrap, params.bootstrap_seed)
+        samples = {
+            key: scoring.bootstrap(scoring.match(ground_truth, found, params.bootstrap_cell), draws)
+            for key, found in detections.items()
+        }
         add_intervals(table, records, samples, seeds, params)
     return table, units
 
