@@ -478,6 +478,47 @@ def test_yolo_bad_line_names_file_and_line(tmp_path: Path, text: str, message: s
         read_annotations(tmp_path)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "0 {} 0.5 0.2 0.2",
+        "0 0.5 {} 0.2 0.2",
+        "0 0.5 0.5 {} 0.2",
+        "0 0.5 0.5 0.2 {}",
+        "0 {} 0.1 0.9 0.1 0.5 0.9",
+        "0 0.1 0.1 0.9 {} 0.5 0.9",
+        "0 0.1 0.1 0.9 0.1 0.5 {}",
+    ],
+)
+def test_yolo_non_finite_coordinate_names_file_and_line(tmp_path: Path, line: str, value: str) -> None:
+    line = line.format(value)
+    yolo_dataset(tmp_path, {"a": f"0 0.5 0.5 0.2 0.2\n{line}\n"})
+    with pytest.raises(
+        GenfusionError,
+        match=at(tmp_path / "labels" / "train" / "a.txt")
+        + ": line 2: bad YOLO line "
+        + re.escape(repr(line))
+        + ": not a number: "
+        + re.escape(repr(value)),
+    ):
+        read_annotations(tmp_path)
+
+
+@pytest.mark.parametrize("class_id", ["0.5", "nan", "-inf", "1e400"])
+@pytest.mark.parametrize("rest", ["0.5 0.5 0.2 0.2", "0.1 0.1 0.9 0.1 0.5 0.9"])
+def test_yolo_class_id_must_be_a_whole_number(tmp_path: Path, class_id: str, rest: str) -> None:
+    yolo_dataset(tmp_path, {"a": f"{class_id} {rest}\n"})
+    with pytest.raises(
+        GenfusionError,
+        match=at(tmp_path / "labels" / "train" / "a.txt")
+        + ": line 1: bad YOLO line .*: class id "
+        + re.escape(repr(class_id))
+        + " is not a whole number",
+    ):
+        read_annotations(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "message"),
     [
@@ -707,3 +748,141 @@ def test_label_studio_duplicate_tasks_for_one_image(tmp_path: Path) -> None:
         GenfusionError, match=at(tmp_path / "a.png") + ": image is annotated twice, in " + at(path)
     ):
         read_annotations(path)
+
+
+# --- every read stays inside the source folder ----------------------------------------------
+
+LEADS = r"( -> \S+)?"  # a path the message shows leads to its resolved form when that differs
+
+
+def outside(source: Path) -> str:
+    """The end of the message refusing a path that resolves outside `source`."""
+    return " resolves outside the source folder " + at(source) + "; DVC versions only that folder, so copy"
+
+
+def relink(path: Path, target: Path) -> None:
+    """Move `path` to `target` and leave a link to it in its place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(target)
+    path.symlink_to(target)
+
+
+def one_image_source(source: Path, fmt: str) -> None:
+    """One 20 x 10 image a.png with one box, in `fmt` (VOC in a subfolder, sub/)."""
+    box = Box("Tree", 1, 1, 5, 5)
+    if fmt == "yolo":
+        yolo_dataset(source, {"a": "0 0.5 0.5 0.2 0.2\n"})
+    elif fmt == "voc":
+        png(source / "sub" / "a.png")
+        (source / "sub" / "a.xml").write_text(voc_xml("a.png", TREE))
+    elif fmt == "coco":
+        png(source / "a.png")
+        write_json(source / "x.json", coco([{"image_id": 1, "category_id": 3, "bbox": [1, 1, 4, 4]}]))
+    else:
+        png(source / "a.png")
+        tasks = [ls_task(1, "a.png", ls_annotation(1, [ls_result(box, (20, 10))]))]
+        write_json(source / "export.json", tasks)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "linked"),
+    [
+        ("voc", "sub/a.png"),
+        ("voc", "sub/a.xml"),
+        ("voc", "sub"),
+        ("yolo", "images/train/a.png"),
+        ("yolo", "labels/train/a.txt"),
+        ("yolo", "images/train"),
+        ("yolo", "labels/train"),
+        ("yolo", "data.yaml"),
+        ("coco", "a.png"),
+        ("coco", "x.json"),
+        ("label_studio", "a.png"),
+        ("label_studio", "export.json"),
+    ],
+)
+def test_a_link_leading_out_of_the_source_is_refused(tmp_path: Path, fmt: str, linked: str) -> None:
+    source, other = tmp_path / "source", tmp_path / "other"
+    one_image_source(source, fmt)
+    relink(source / linked, other / linked)
+    # A linked folder is refused as a whole, or at the first file read through it.
+    leads = at(source / linked) + r"\S* -> " + at((other / linked).resolve()) + r"\S*"
+    with pytest.raises(GenfusionError, match=leads + outside(source)):
+        read_annotations(source)
+
+
+@pytest.mark.parametrize("linked", ["images/train/a.png", "labels/train/a.txt", "images/train", "data.yaml"])
+def test_a_link_staying_inside_the_source_is_read(tmp_path: Path, linked: str) -> None:
+    one_image_source(tmp_path, "yolo")
+    relink(tmp_path / linked, tmp_path / "store" / linked)
+    (item,) = read_annotations(tmp_path)
+    assert item.image == tmp_path / "images" / "train" / "a.png"
+    assert item.boxes == (Box("Tree", 8, 4, 12, 6),)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"train": "{other}/images/train"},
+        {"path": "{other}", "train": "images/train"},
+        {"train": "../other/images/train"},
+    ],
+)
+def test_yolo_data_yaml_folder_outside_the_source_is_refused(tmp_path: Path, data: dict) -> None:
+    other = tmp_path / "other"
+    one_image_source(other, "yolo")  # a whole dataset the yaml could borrow
+    source = tmp_path / "source"
+    source.mkdir()
+    data = {key: value.format(other=other) for key, value in data.items()}
+    path = yolo_dataset(source, {}, data | {"names": ["Tree"]})
+    folder = source / data.get("path", "") / data["train"]
+    with pytest.raises(GenfusionError, match=at(path) + ": train: " + at(folder) + LEADS + outside(source)):
+        read_annotations(source)
+
+
+def test_yolo_data_yaml_naming_a_system_folder_is_refused_without_walking_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = yolo_dataset(tmp_path, {}, {"train": "/etc", "names": ["Tree"]})
+    walked = []
+    rglob = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: walked.append(self) or rglob(self, pattern))
+    with pytest.raises(GenfusionError, match=at(path) + ": train: /etc" + LEADS + outside(tmp_path)):
+        read_annotations(path)
+    assert walked == []
+
+
+@pytest.mark.parametrize("file_name", ["{other}/a.png", "../other/a.png", "/etc/passwd"])
+def test_coco_file_name_outside_the_source_is_refused(tmp_path: Path, file_name: str) -> None:
+    png(tmp_path / "other" / "a.png")
+    source = tmp_path / "source"
+    file_name = file_name.format(other=tmp_path / "other")
+    images = [{"id": 1, "file_name": file_name}]
+    path = write_json(
+        source / "x.json", coco([{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4]}], images)
+    )
+    with pytest.raises(
+        GenfusionError, match=at(path) + r": images\[0\]: " + at(source / file_name) + LEADS + outside(source)
+    ):
+        read_annotations(path)
+
+
+def test_seeds_in_a_dvc_cache_of_links_are_read(
+    neon: Path, voc_items: list[LabelledImage], tmp_path: Path
+) -> None:
+    """With DVC's `cache.type: symlink`, `dvc add` turns every seed file into a link into the
+    project's DVC cache: versioned content, read like the folder's own files."""
+    from project import run
+
+    repo = tmp_path / "project"
+    shutil.copytree(neon, repo / "seeds")
+    run(repo, "git", "init", "-q")
+    run(repo, "dvc", "init", "-q")
+    run(repo, "dvc", "config", "cache.type", "symlink")
+    run(repo, "dvc", "add", "-q", "seeds")
+    linked = repo / "seeds" / voc_items[0].image.name
+    assert linked.is_symlink() and linked.resolve().is_relative_to(repo / ".dvc" / "cache")
+    read = read_annotations(repo / "seeds")
+    assert [(item.image.name, item.boxes) for item in read] == [
+        (item.image.name, item.boxes) for item in voc_items
+    ]

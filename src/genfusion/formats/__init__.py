@@ -16,7 +16,7 @@ from pathlib import Path
 from genfusion.boxes import LabelledImage
 from genfusion.errors import GenfusionError
 from genfusion.formats import coco, label_studio, voc, yolo
-from genfusion.formats._common import YAML_SUFFIXES, _files, _single_file
+from genfusion.formats._common import YAML_SUFFIXES, _files, _inside, _single_file
 
 FORMATS = ("voc", "coco", "yolo", "label_studio")
 _READERS: dict[str, Callable[[Path], list[LabelledImage]]] = {
@@ -32,7 +32,7 @@ def detect_format(source: Path) -> str:
     source = Path(source)
     if source.is_file():
         if source.suffix.lower() == ".json":
-            return _json_kind(source)
+            return _json_kind(_inside(source, source.parent))
         if source.suffix.lower() in YAML_SUFFIXES:
             return "yolo"
         raise GenfusionError(
@@ -42,9 +42,9 @@ def detect_format(source: Path) -> str:
     if not source.is_dir():
         raise GenfusionError(f"{source}: no such file or folder")
     found = [
-        ("a .json (COCO or Label Studio)", _files(source, (".json",), recursive=False)),
-        ("a data .yaml (YOLO)", _files(source, YAML_SUFFIXES, recursive=False)),
-        (".xml files (Pascal VOC)", _files(source, (".xml",))),
+        ("a .json (COCO or Label Studio)", _files(source, (".json",), source, recursive=False)),
+        ("a data .yaml (YOLO)", _files(source, YAML_SUFFIXES, source, recursive=False)),
+        (".xml files (Pascal VOC)", _files(source, (".xml",), source)),
     ]
     present = [(what, files) for what, files in found if files]
     if not present:

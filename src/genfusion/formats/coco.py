@@ -7,11 +7,19 @@ from typing import Any
 
 from genfusion.boxes import Box, LabelledImage, polygon_box
 from genfusion.errors import GenfusionError
-from genfusion.formats._common import _find_image, _get, _get_list, _json_source, _load_json, _number, _size
+from genfusion.formats._common import (
+    _annotation_file,
+    _find_image,
+    _get,
+    _get_list,
+    _load_json,
+    _number,
+    _size,
+)
 
 
 def read(source: Path) -> list[LabelledImage]:
-    path = _json_source(source)
+    path = _annotation_file(source, (".json",), "JSON")
     data = _load_json(path)
     if not isinstance(data, dict):
         raise GenfusionError(
@@ -29,7 +37,7 @@ def read(source: Path) -> list[LabelledImage]:
         if image_id in images:
             raise GenfusionError(f"{where}: image id {image_id!r} is listed twice")
         name = str(_get(entry, "file_name", where))
-        image = _find_image([path.parent / name, path.parent / "images" / name], where)
+        image = _find_image([path.parent / name, path.parent / "images" / name], where, path.parent)
         images[image_id] = (image, _size(entry.get("width"), entry.get("height"), where))
     boxes: dict[Any, list[Box]] = {image_id: [] for image_id in images}
     for index, annotation in enumerate(_get_list(data, "annotations", str(path))):

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from genfusion.boxes import Box, LabelledImage, polygon_box
 from genfusion.errors import GenfusionError
-from genfusion.formats._common import _find_image, _get, _get_list, _json_source, _load_json, _number
+from genfusion.formats._common import _annotation_file, _find_image, _get, _get_list, _load_json, _number
 from genfusion.formats.yolo import yolo_line
 
 # Label Studio prefixes uploaded file names with 8 hex digits and a dash.
@@ -26,7 +26,7 @@ FROM_NAME, TO_NAME = "label", "image"
 
 
 def read(source: Path) -> list[LabelledImage]:
-    path = _json_source(source)
+    path = _annotation_file(source, (".json",), "JSON")
     tasks = _load_json(path)
     if not isinstance(tasks, list):
         raise GenfusionError(
@@ -149,7 +149,7 @@ def _ls_image(value: str, root: Path, where: str) -> Path:
         )
     if not posix.name:
         raise GenfusionError(f"{where}: image {value!r} names no file")
-    return _find_image([root / c for c in dict.fromkeys(candidates)], where)
+    return _find_image([root / c for c in dict.fromkeys(candidates)], where, root)
 
 
 # --- writing tasks, and reading a project's export back into YOLO labels -------------------

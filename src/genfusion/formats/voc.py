@@ -22,14 +22,14 @@ from genfusion.formats._common import (
 def read(source: Path) -> list[LabelledImage]:
     if not source.is_dir():
         raise GenfusionError(f"{source}: a Pascal VOC source must be a folder of .xml files")
-    files = _files(source, (".xml", *IMAGE_EXTENSIONS))
+    files = _files(source, (".xml", *IMAGE_EXTENSIONS), source)
     images = [p for p in files if p.suffix.lower() != ".xml"]
     beside: dict[tuple[Path, str], list[Path]] = defaultdict(list)
     by_name: dict[str, list[Path]] = defaultdict(list)
     for image in images:
         beside[image.parent, image.stem].append(image)
         by_name[image.name].append(image)
-    items = [_read_voc_file(xml, beside, by_name) for xml in files if xml.suffix.lower() == ".xml"]
+    items = [_read_voc_file(xml, beside, by_name, source) for xml in files if xml.suffix.lower() == ".xml"]
     unlabelled = sorted(set(images) - {item.image for item in items})
     if unlabelled:
         raise _no_label_error(unlabelled, "add a .xml holding an <annotation> with no <object>")
@@ -37,7 +37,7 @@ def read(source: Path) -> list[LabelledImage]:
 
 
 def _read_voc_file(
-    xml: Path, beside: dict[tuple[Path, str], list[Path]], by_name: dict[str, list[Path]]
+    xml: Path, beside: dict[tuple[Path, str], list[Path]], by_name: dict[str, list[Path]], source: Path
 ) -> LabelledImage:
     try:
         root = ET.parse(xml).getroot()
@@ -54,7 +54,7 @@ def _read_voc_file(
     # images in a sibling folder, so a single image of that name anywhere below also counts.
     candidates += beside.get((xml.parent, xml.stem), [])
     candidates += by_name[named] if named and len(by_name[named]) == 1 else []
-    image = _find_image(candidates, str(xml), also=f"an image {xml.parent / xml.stem}{ANY_IMAGE}")
+    image = _find_image(candidates, str(xml), source, also=f"an image {xml.parent / xml.stem}{ANY_IMAGE}")
     size_element = root.find("size")
     size = None
     if size_element is not None:

@@ -16,16 +16,19 @@ from genfusion.formats._common import (
     ANY_IMAGE,
     IMAGE_EXTENSIONS,
     YAML_SUFFIXES,
+    _annotation_file,
     _files,
+    _finite,
     _get,
+    _inside,
     _no_label_error,
-    _single_file,
 )
 from genfusion.images import read_header
 
 
 def read(source: Path) -> list[LabelledImage]:
-    path = _single_file(source, YAML_SUFFIXES, "YOLO data .yaml") if source.is_dir() else source
+    path = _annotation_file(source, YAML_SUFFIXES, "YOLO data .yaml")
+    root = path.parent
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -37,14 +40,15 @@ def read(source: Path) -> list[LabelledImage]:
             f"{path}: malformed YAML: not UTF-8 text ({err.reason} at byte {err.start})"
         ) from err
     names = _yolo_names(data, path)
-    folders = _yolo_folders(data, path)
+    folders = _yolo_folders(data, path, root)
     # Two splits may share a folder (tiny datasets validate on their training images).
-    images = sorted({image for folder in folders for image in _files(folder, IMAGE_EXTENSIONS)})
-    unlabelled = [image for image in images if not _yolo_label(image).is_file()]
+    images = sorted({image for folder in folders for image in _files(folder, IMAGE_EXTENSIONS, root)})
+    labels = {image: _inside(_yolo_label(image), root) for image in images}
+    unlabelled = [image for image, label in labels.items() if not label.is_file()]
     if unlabelled:
-        raise _no_label_error(unlabelled, f"add an empty {_yolo_label(unlabelled[0])}")
-    _check_no_orphan_labels(folders, {_yolo_label(image) for image in images})
-    return [_read_yolo_label(_yolo_label(image), image, names) for image in images]
+        raise _no_label_error(unlabelled, f"add an empty {labels[unlabelled[0]]}")
+    _check_no_orphan_labels(folders, set(labels.values()), root)
+    return [_read_yolo_label(label, image, names) for image, label in labels.items()]
 
 
 def _yolo_names(data: Any, path: Path) -> list[str]:
@@ -62,14 +66,15 @@ def _yolo_names(data: Any, path: Path) -> list[str]:
     )
 
 
-def _yolo_folders(data: dict, path: Path) -> list[Path]:
-    """The image folders the data yaml names, relative to its `path` (itself relative to the yaml)."""
-    root = path.parent / str(data.get("path") or "")
+def _yolo_folders(data: dict, path: Path, root: Path) -> list[Path]:
+    """The image folders the data yaml names, relative to its `path` (itself relative to the yaml);
+    each must lie inside `root`."""
+    base = path.parent / str(data.get("path") or "")
     folders = []
     for split in ("train", "val", "test"):
         entries = data.get(split)
         for entry in entries if isinstance(entries, list) else [entries] if entries else []:
-            folder = root / str(entry)
+            folder = _inside(base / str(entry), root, f"{path}: {split}")
             if not folder.is_dir():
                 raise GenfusionError(
                     f"{path}: {split} folder {folder} does not exist or is not a folder"
@@ -93,12 +98,12 @@ def _yolo_label(image: Path) -> Path:
     return _images_to_labels(image.parent) / f"{image.stem}.txt"
 
 
-def _check_no_orphan_labels(folders: Sequence[Path], expected: set[Path]) -> None:
+def _check_no_orphan_labels(folders: Sequence[Path], expected: set[Path], root: Path) -> None:
     for folder in folders:
         labels = _images_to_labels(folder)
         if not labels.is_dir():
             continue
-        for label in _files(labels, (".txt",)):
+        for label in _files(labels, (".txt",), root):
             # classes.txt is the class list LabelImg writes beside its labels.
             if label not in expected and label.name != "classes.txt":
                 image = folder / label.parent.relative_to(labels) / label.stem
@@ -125,22 +130,26 @@ def yolo_line(box: Box, class_id: int, width: int, height: int, task: str = "det
 
 
 def parse_yolo_line(line: str, names: Sequence[str], width: int, height: int) -> Box:
-    """Inverse of `yolo_line` (boxes and outlines); raises ValueError on a malformed line or class id."""
+    """Inverse of `yolo_line` (boxes and outlines); raises ValueError on a malformed line, class id
+    or coordinate (nan and inf included)."""
     parts = line.split()
     if len(parts) != 5 and (len(parts) < 7 or len(parts) % 2 == 0):
         raise ValueError(
             f"expected class cx cy w h (5 numbers) or class x1 y1 x2 y2 x3 y3 ... (an outline of"
             f" at least 3 points), got {len(parts)} numbers: {line!r}"
         )
-    class_id = int(parts[0])
+    try:
+        class_id = int(parts[0])
+    except ValueError:
+        raise ValueError(f"class id {parts[0]!r} is not a whole number") from None
     if not 0 <= class_id < len(names):
         raise ValueError(f"class id {class_id} is not in 0..{len(names) - 1}")
+    values = [_finite(p) for p in parts[1:]]
     if len(parts) > 5:
-        values = [float(p) for p in parts[1:]]
         return polygon_box(
             names[class_id], [(x * width, y * height) for x, y in zip(values[::2], values[1::2], strict=True)]
         )
-    cx, cy, w, h = (float(p) for p in parts[1:])
+    cx, cy, w, h = values
     return Box(
         names[class_id],
         (cx - w / 2) * width,
