@@ -4,10 +4,13 @@ the bad inputs."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import secrets
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +34,11 @@ from genfusion.stages import prelabel
 CLASSES = ["tree"]
 SIZE = (64, 48)
 STEMS = ("canopy_00000", "canopy_00001", "canopy_00002")
+# What a pull says while another DVC command holds the project's lock.
+BUSY = (
+    r"another DVC command is running in this project \(its lock \S+/\.dvc/tmp/lock is held\);"
+    r" nothing was pulled: wait for it to finish"
+)
 
 
 def test_label_config_offers_the_params_classes_with_the_task_tool() -> None:
@@ -91,6 +99,41 @@ def test_a_missing_sdk_says_how_to_install_it(monkeypatch) -> None:
         GenfusionError, match="Label Studio SDK is not installed.*requirements/label-studio-sdk"
     ):
         ls.LabelStudio("http://127.0.0.1:8080", "t")
+
+
+@contextlib.contextmanager
+def dvc_lock_held(root: Path) -> Iterator[None]:
+    """DVC's repo lock of the project at `root`, held by another process for the block, as a
+    running `dvc repro` holds it."""
+    script = (
+        "import sys\nfrom dvc.repo import Repo\n"
+        "with Repo(sys.argv[1]).lock:\n    print('held', flush=True)\n    sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n", "the other process could not take DVC's lock"
+        yield
+    finally:
+        holder.communicate(timeout=60)  # its stdin closes: it lets the lock go
+
+
+def test_a_pull_while_a_dvc_command_runs_stops_before_writing_or_asking_the_server(
+    tmp_path: Path, monkeypatch
+) -> None:
+    run(tmp_path, "git", "init", "-q", "-b", "main")
+    run(tmp_path, "dvc", "init", "-q")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ls.TOKEN_VAR, raising=False)  # no server here: the lock comes first
+    with dvc_lock_held(tmp_path), pytest.raises(GenfusionError, match=BUSY):
+        annotate.pull_main(
+            load_params(ROOT / "params.yaml"),
+            subject="canopy",
+            generated=tmp_path / "data/generated",
+            annotations=tmp_path / "data/annotations",
+        )
+    assert not (tmp_path / "data").exists()
 
 
 # --- against a real server --------------------------------------------------------------------
@@ -278,3 +321,54 @@ def test_server_problems_are_clear_errors_and_write_nothing(project: Path, monke
     with pytest.raises(GenfusionError, match="project 'genfusion other' is empty"):
         annotate.pull(server, wanted, generated, out, CLASSES, "detect")
     assert not out.exists()
+
+
+def folder_state(folder: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every folder (None) under `folder`, hidden ones included."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")
+    }
+
+
+@pytest.mark.integration
+def test_a_pull_while_a_dvc_command_runs_writes_nothing_until_it_ends(project: Path, monkeypatch) -> None:
+    root = project
+    # A Label Studio project and an annotations folder of its own: the other tests' stay as they are.
+    params = load_params(root / "params.yaml")
+    params = params.model_copy(
+        update={"annotate": params.annotate.model_copy(update={"project": "locked {subject}"})}
+    )
+    monkeypatch.chdir(root)
+    pushed = annotate.push_main(
+        params, subject="canopy", generated=root / "data/generated", prelabels=root / "data/prelabels"
+    )
+    server = api(root)
+    task = tasks_by_key(server, pushed["project"])["canopy/canopy_00000.png"]
+    box = ls_format.ls_result(Box("tree", 4, 6, 20, 22), SIZE, "detect")
+    server.sdk.annotations.create(task["id"], result=[box], was_cancelled=False)
+    annotations = root / "data/locked"
+
+    def pull_locked() -> dict:
+        return annotate.pull_main(
+            params, subject="canopy", generated=root / "data/generated", annotations=annotations
+        )
+
+    with dvc_lock_held(root), pytest.raises(GenfusionError, match=BUSY):
+        pull_locked()
+    assert not annotations.exists()  # no labels, no temporary folder
+    # Once the DVC command ends, the same pull reports the labels as new and versions them.
+    assert pull_locked()["new_labels"] == ["canopy_00000"]
+    assert (annotations / "canopy/labels/canopy_00000.txt").is_file()
+    assert (annotations / "canopy.dvc").is_file()
+
+    # A hand edit, then a pull during a DVC command: the folder stays exactly as it was, and the
+    # next pull reports the change, having kept the edit in DVC's cache first.
+    edited = b"0 0.5 0.5 0.25 0.25\n"
+    (annotations / "canopy/labels/canopy_00000.txt").write_bytes(edited)
+    before = folder_state(annotations)
+    with dvc_lock_held(root), pytest.raises(GenfusionError, match=BUSY):
+        pull_locked()
+    assert folder_state(annotations) == before
+    assert pull_locked()["changed_labels"] == ["canopy_00000"]
+    digest = hashlib.md5(edited).hexdigest()
+    assert (root / ".dvc/cache/files/md5" / digest[:2] / digest[2:]).is_file()

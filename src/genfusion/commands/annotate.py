@@ -8,8 +8,9 @@ Label Studio, and their labels come back versioned by DVC.
   name so that pushing again adds nothing; the automatic labels as predictions; images
   served from this folder through Label Studio's local-file storage.
 - pull: the export in, `data/annotations/<subject>/` out (YOLO labels of every image a
-  person finished, and a manifest), written atomically and `dvc add`-ed, with a summary and
-  the labels that changed since the last pull.
+  person finished, and a manifest), written atomically and `dvc add`-ed while DVC's repo lock
+  is held (a pull while another DVC command runs writes nothing), with a summary and the
+  labels that changed since the last pull.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import contextlib
 import json
 import logging
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from genfusion import fsio, layout
 from genfusion.errors import GenfusionError
@@ -36,6 +38,9 @@ from genfusion.integrations.label_studio import (
     url_port,
 )
 from genfusion.params import AnnotateParams, Params
+
+if TYPE_CHECKING:
+    from dvc.repo import Repo
 
 log = logging.getLogger(__name__)
 
@@ -143,26 +148,51 @@ def pull(
     }
 
 
-def version_with_dvc(folder: Path) -> bool:
-    """`dvc add` the folder when it lies in a DVC project (False when it does not), so that
-    every pulled version of people's work stays in DVC's cache."""
+@contextlib.contextmanager
+def dvc_locked(folder: Path) -> Iterator[Repo | None]:
+    """The DVC project `folder` lies in, its repo lock held for the block (None when it lies in
+    none). A pull writes and `dvc add`s under it, so that while another DVC command runs (a
+    `dvc repro`) it writes nothing, and no DVC command starts between the write and the add."""
     from dvc.exceptions import NotDvcRepoError
-    from dvc.repo import Repo
+    from dvc.lock import LockError
+    from dvc.repo import Repo, lock_repo
 
+    start = folder.resolve().parent
+    while not start.is_dir():  # before the first pull, the annotations folder may not exist
+        start = start.parent
     try:
-        root = Repo.find_root(str(folder.parent))
+        root = Repo.find_root(str(start))
     except NotDvcRepoError:
-        return False
-    with Repo(root) as repo:
-        repo.add(str(folder.resolve()))
-    return True
+        root = None
+    if root is None:
+        yield None
+        return
+    with Repo(root) as repo, contextlib.ExitStack() as held:
+        try:
+            # lock_repo, not `with repo.lock`: it is the lock DVC's own commands take (through
+            # @locked, and `dvc status` directly), counted per Repo, so repo.add inside the block
+            # runs under this lock instead of failing to take it a second time.
+            held.enter_context(lock_repo(repo))
+        except LockError as exc:
+            raise GenfusionError(
+                f"{root}: another DVC command is running in this project (its lock"
+                f" {repo.lock.lockfile} is held); nothing was pulled: wait for it to finish"
+                " (e.g. the `dvc repro`) and run `genfusion annotate pull` again"
+            ) from exc
+        yield repo
 
 
-def keep_previous(out: Path) -> None:
+def version_with_dvc(repo: Repo, folder: Path) -> None:
+    """`dvc add` the folder, under the lock `dvc_locked` holds, so that every pulled version of
+    people's work stays in DVC's cache."""
+    repo.add(str(folder.resolve()))
+
+
+def keep_previous(repo: Repo, out: Path) -> None:
     """Record the labels already in `out` in DVC before a pull replaces them: people's work
     that was never `dvc add`-ed (a pull outside DVC, hand edits) is then not lost."""
     if out.is_dir() and any(out.iterdir()):
-        version_with_dvc(out)
+        version_with_dvc(repo, out)
 
 
 def summary_text(summary: dict) -> str:
@@ -227,14 +257,17 @@ def pull_main(params: Params, *, subject: str, generated: Path, annotations: Pat
     params.subject(subject)
     settings = params.annotate
     out = annotations / subject
-    server = client(settings)
-    keep_previous(out)
-    summary = pull(
-        server, project_title(settings, subject), generated / subject, out, params.classes, params.task
-    )
-    versioned = version_with_dvc(out)
+    with dvc_locked(out) as repo:
+        server = client(settings)
+        if repo is not None:
+            keep_previous(repo, out)
+        summary = pull(
+            server, project_title(settings, subject), generated / subject, out, params.classes, params.task
+        )
+        if repo is not None:
+            version_with_dvc(repo, out)
     log.info(summary_text(summary))
-    if versioned:
+    if repo is not None:
         log.info("%s is versioned by DVC: commit %s.dvc to git", out, out)
     else:
         log.info("%s is not in a DVC project: nothing versions it", out)
