@@ -35,9 +35,9 @@ from genfusion.params import Params, Section
 # src/ and params.yaml are checked as modules and params keys.
 TRACED_DIRS = ("data", "models")
 # Stages write an output under a hidden scratch name beside it and rename it into place
-# (genfusion.fsio: `.NAME.<random>.tmp`, `.NAME.old`; train: `.NAME.partial`): a scratch path
-# stands for the output it becomes.
-SCRATCH = re.compile(r"\.(?P<name>.+)\.(?:\w{8}\.tmp|old|partial)")
+# (genfusion.fsio: `.NAME.tmp` folders, `.NAME.<random>.tmp` files, `.NAME.old`; train:
+# `.NAME.partial`): a scratch path stands for the output it becomes.
+SCRATCH = re.compile(r"\.(?P<name>.+?)\.(?:\w{8}\.tmp|tmp|old|partial)")
 FILE_EVENTS = ("open", "os.listdir", "os.scandir")
 
 

@@ -33,6 +33,10 @@ SHARED_MODULES = (
     "src/genfusion/progress.py",
     "src/genfusion/fsio.py",
 )
+# Params every stage reads that choose how it runs, not what it computes: `threads` sizes the
+# thread pools, and declaring it would rerun the whole pipeline when the machine's load changes
+# (params.yaml says so beside it).
+SHARED_PARAMS = ("threads",)
 # Package __init__.py files (src/genfusion/__init__.py, any subpackage's) only make the package.
 PACKAGE_INIT = "__init__.py"
 
@@ -68,7 +72,9 @@ def undeclared(trace: dict, stage: dict) -> list[str]:
     params, deps, outs) lacks, one message each."""
     name, params = stage["name"], stage["params"]
     found = [
-        f"{name}: reads param {key}, not declared" for key in trace["params"] if not key_covered(key, params)
+        f"{name}: reads param {key}, not declared"
+        for key in trace["params"]
+        if not key_covered(key, params) and key not in SHARED_PARAMS
     ]
     found += [
         f"{name}: reads the names in param {key}, not declared"

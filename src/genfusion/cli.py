@@ -61,7 +61,26 @@ def _params(path: Path):
     """params.yaml, checked whole: a typo anywhere is caught by the first stage that runs."""
     from genfusion.params import load_params
 
-    return load_params(path)
+    params = load_params(path)
+    use_threads(params.threads)
+    return params
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def use_threads(threads: int | None) -> int:
+    """Compute on `threads` cores (params `threads`), by default the cores this process may run on
+    (its CPU set, not every core of the machine): libraries that size their pools from the machine
+    oversubscribe a shared one, and then run many times slower. Set before torch is imported, the
+    variables size its pool and OpenMP's; child processes inherit them."""
+    count = threads or len(os.sched_getaffinity(0))
+    for name in THREAD_VARS:
+        os.environ[name] = str(count)
+    if "torch" in sys.modules:  # imported already (a test, `accelerate launch`): resize its pool
+        sys.modules["torch"].set_num_threads(count)
+    logging.getLogger(__name__).debug("computing on %d threads", count)
+    return count
 
 
 @app.command()
