@@ -13,7 +13,7 @@ it times
 and prints for each the wall time (best of `--repeats`, reading the file included), megapixels
 per second, peak memory and the boxes found, with the ratio of megapixels per second ours / SAHI.
 Then it runs `predict_scene` once on the GeoTIFF and the PNG of each of `--sizes`: the GeoTIFF is
-read window by window (GDAL's block cache capped by `genfusion.prediction.GDAL_CACHE_MB`), the
+read window by window (GDAL's block cache capped by `genfusion.scene_images.GDAL_CACHE_MB`), the
 PNG is decoded whole.
 
 Memory is the resident set (RSS, so torch's, numpy's and GDAL's allocations all count): each run
@@ -113,7 +113,8 @@ def setup_genfusion(params_path: str, weights: str, threads: int):
     torch.set_num_threads(threads)
     from genfusion.integrations.ultralytics import load_yolo
     from genfusion.params import load_params
-    from genfusion.prediction import check_slicing, open_scene, predict_scene
+    from genfusion.prediction import check_slicing, predict_scene
+    from genfusion.scene_images import open_scene
 
     params = load_params(Path(params_path))
     settings = params.predict
@@ -129,7 +130,7 @@ def setup_genfusion(params_path: str, weights: str, threads: int):
                   verbose=False, **options)  # fmt: skip
 
     def run(path: str) -> np.ndarray:
-        scene = open_scene(Path(path))
+        scene = open_scene(Path(path), None)
         try:
             return predict_scene(model, scene, settings, **options).boxes
         finally:

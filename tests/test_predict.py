@@ -18,7 +18,8 @@ from genfusion.errors import GenfusionError
 from genfusion.formats import read_annotations
 from genfusion.layout import DATASET_YAML, Sources
 from genfusion.params import load_params
-from genfusion.prediction import Detections, PillowScene, RasterScene, greedy_groups, merge
+from genfusion.prediction import Detections, greedy_groups, merge
+from genfusion.scene_images import PillowScene, RasterScene
 from genfusion.stages.datasets import build_dataset
 from genfusion.stages.seeds import run_seeds
 from genfusion.stages.train import train_detector
@@ -312,7 +313,7 @@ def test_geotiff_gives_geojson_in_its_crs_and_the_boxes_of_the_same_pixels(
     write_geotiff(tif, pixels, CRS)
     Image.fromarray(pixels).save(png)
 
-    raster, pillow = RasterScene(tif), PillowScene(png)
+    raster, pillow = RasterScene(tif), PillowScene(png, None)
     try:
         assert raster.size == pillow.size == (width, height)
         for window in tile_windows(width, height, 320, 64)[::3]:
@@ -419,17 +420,22 @@ def png_header(path: Path, width: int, height: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_png_too_large_to_decode_whole_is_refused_with_advice(
+def test_a_png_over_max_pixels_is_refused_with_advice(
     detector: dict, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     small = tmp_path / "small.png"
     png_header(small, 14000, 1000)
     with Image.open(small) as image:
         assert image.size == (14000, 1000)  # the header is read as written
+    over_pillow = tmp_path / "over-pillow.png"
+    png_header(over_pillow, 14000, 14000)  # 196 Mpx: over Pillow's own limit, not seeds.max_pixels
+    message = refused(monkeypatch, capsys, detector, tmp_path / "out", over_pillow)
+    assert f"{over_pillow}: corrupt or truncated image" in message  # decoded, so no pixels found
     huge = tmp_path / "ortho.png"
-    png_header(huge, 14000, 14000)  # 196 Mpx: over Pillow's limit for decoding whole
+    png_header(huge, 30000, 20000)  # 600 Mpx: over the default seeds.max_pixels (500 million)
     message = refused(monkeypatch, capsys, detector, tmp_path / "out", huge)
-    assert f"{huge}: too large to decode whole" in message and "tiled GeoTIFF" in message
+    assert f"{huge}: 30000 x 20000 px (600 megapixels) is over seeds.max_pixels" in message
+    assert "tiled GeoTIFF" in message
 
 
 def test_a_slice_smaller_than_the_model_stride_is_refused(

@@ -316,3 +316,88 @@ def test_an_extra_test_set_is_imported_whole_and_checked_like_the_seeds(
     with pytest.raises(GenfusionError, match=r"SOAP_061\.xml: class 'Stump' is not in seeds.class_map"):
         main(params, name="site", source=source, out=tmp_path / "scenes/other")
     assert not (tmp_path / "scenes/other").exists()
+
+
+# --- large scenes -----------------------------------------------------------------------------
+
+
+def write_ortho(path: Path, width: int, height: int, crs: str | None = "EPSG:32617") -> None:
+    """A tiled 8-bit RGB GeoTIFF whose pixels say where they are (so a misplaced window shows),
+    written a band of rows at a time."""
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    georef = {"crs": crs, "transform": from_origin(400000, 3300000, 0.1, 0.1)} if crs else {}
+    with rasterio.open(
+        path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8", tiled=True,
+        blockxsize=512, blockysize=512, compress="deflate", **georef,
+    ) as target:  # fmt: skip
+        x = np.arange(width)
+        for y0 in range(0, height, 1024):
+            y = np.arange(y0, min(y0 + 1024, height))[:, None]
+            bands = np.stack([(x // 61 + y // 67) % 256, (x // 509) % 256 + 0 * y, (y // 503) % 256 + 0 * x])
+            target.write(bands.astype(np.uint8), window=Window(0, y0, width, len(y)))
+
+
+def test_a_scene_over_pillows_limit_imports_window_by_window(tmp_path: Path) -> None:
+    """14,000 x 13,000 px (182 megapixels): over the size Pillow refuses to open, under
+    seeds.max_pixels; read and copied a window at a time, its CRS kept in the test scene copy."""
+    import rasterio
+
+    ortho = tmp_path / "ortho.tif"
+    write_ortho(ortho, 14000, 13000)
+    boxes = [
+        Box("Tree", x, y, x + 40, y + 30) for x in range(100, 13900, 1500) for y in range(100, 12900, 1400)
+    ]
+    item = LabelledImage(ortho, tuple(boxes), (14000, 13000), tmp_path / "ortho.json")
+    params = seeds_params(tile_size=2048, tile_overlap=64, split_by="tile")
+    out, scenes = tmp_path / "real", tmp_path / "scenes"
+    report = run_seeds([item], params, ["tree"], out, scenes_out=scenes)
+    assert sum(report["tiles"].values()) == 8 * 7
+    assert sum(report["boxes_per_split"].values()) >= len(boxes)
+    with rasterio.open(ortho) as source:
+        for tile in sorted(out.glob("images/*/ortho_x*.png"))[::9]:
+            x0, y0 = (int(part[1:]) for part in tile.stem.split("_")[1:])
+            written = np.asarray(Image.open(tile))
+            window = rasterio.windows.Window(x0, y0, written.shape[1], written.shape[0])
+            assert np.array_equal(written, np.moveaxis(source.read(window=window), 0, -1))
+
+
+def test_a_held_out_large_scene_is_copied_as_a_tiled_geotiff_with_its_crs(tmp_path: Path) -> None:
+    import rasterio
+
+    items = three_scenes(tmp_path)
+    ortho = tmp_path / "ortho.tif"
+    write_ortho(ortho, 3000, 2000)
+    items.append(LabelledImage(ortho, (Box("Tree", 10, 10, 50, 50),), None, tmp_path / "ortho.json"))
+    scenes = tmp_path / "scenes"
+    run_seeds(items, seeds_params(test_scene="ortho"), ["tree"], tmp_path / "real", scenes_out=scenes)
+    truth = json.loads((scenes / "annotations.json").read_text())
+    assert [image["file_name"] for image in truth["images"]] == ["images/ortho.tif"]
+    with rasterio.open(scenes / "images" / "ortho.tif") as copy, rasterio.open(ortho) as source:
+        assert copy.crs == source.crs and copy.transform == source.transform
+        assert copy.profile["tiled"] and copy.count == 3
+        assert np.array_equal(copy.read(), source.read())
+
+
+def test_an_image_over_max_pixels_is_refused_naming_file_size_and_param(tmp_path: Path) -> None:
+    items = three_scenes(tmp_path)  # 64 x 48 px each: 3,072 pixels
+    with pytest.raises(GenfusionError) as refused:
+        run_seeds(items, seeds_params(max_pixels=3000), ["tree"], tmp_path / "out")
+    message = str(refused.value)
+    assert (
+        str(items[0].image) in message and "64 x 48 px" in message and "seeds.max_pixels (3,000)" in message
+    )
+    assert "tiled GeoTIFF" in message
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_stale_scratch_of_a_killed_import_is_removed(neon_items, tmp_path: Path) -> None:
+    out = tmp_path / "real"
+    stale = tmp_path / ".real.tmp" / "images" / "train"
+    stale.mkdir(parents=True)
+    (stale / "half-written.png").write_bytes(b"\x89PNG")
+    run_seeds(neon_items, seeds_params(), ["tree"], out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real"]

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from genfusion.boxes import Box
-from genfusion.tiling import Window, assign_splits, boxes_in_window, exif_point, tile_windows
+from genfusion.tiling import Window, assign_splits, boxes_in_window, exif_point, tile_boxes, tile_windows
 
 
 def test_windows_cover_the_image_edge_to_edge() -> None:
@@ -41,6 +41,21 @@ def test_box_cut_by_the_window_is_kept_by_visible_fraction() -> None:
     )
     assert cut.boxes == (Box("tree", 0, 10, 30, 30), Box("tree", 50, 50, 60, 60))
     assert (cut.cut, cut.dropped) == (1, 1)
+
+
+@pytest.mark.parametrize(("width", "height"), [(1249, 1035), (200, 150), (500, 100), (2000, 320)])
+def test_indexed_tiling_keeps_what_checking_every_box_in_every_window_keeps(width: int, height: int) -> None:
+    rng = np.random.default_rng(width)
+    corners = rng.uniform(-30, [width + 30, height + 30], (400, 2))
+    sides = rng.uniform(0, 90, (400, 2))
+    # Boxes on window edges too: 256 is the stride, 320 the tile.
+    edges = [Box("tree", 256, 0, 320, 40), Box("tree", 0, 256, 64, 320), Box("tree", 319.5, 5, 320.5, 9)]
+    boxes = [Box("tree", *c, *(c + s)) for c, s in zip(corners, sides, strict=True)] + edges
+    indexed = tile_boxes(boxes, (width, height), 320, 64, min_visibility=0.5, min_box_size=2)
+    windows = tile_windows(width, height, 320, 64)
+    assert [window for window, _ in indexed] == windows
+    for (_, cut), window in zip(indexed, windows, strict=True):
+        assert cut == boxes_in_window(boxes, window, min_visibility=0.5, min_box_size=2)
 
 
 def test_sliver_below_min_box_size_is_dropped() -> None:

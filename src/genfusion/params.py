@@ -45,6 +45,7 @@ class SeedsParams(Section):
     split: dict[Literal["train", "val", "test"], Fraction] = {"train": 0.7, "val": 0.15, "test": 0.15}
     split_seed: int = 0
     test_scene: str | None = None
+    max_pixels: PositiveInt = 500_000_000
 
     @model_validator(mode="after")
     def _consistent(self) -> SeedsParams:
@@ -320,6 +321,7 @@ class InspectParams(Section):
 class Params(Section):
     classes: list[str]
     task: Literal["detect", "segment"] = "detect"
+    threads: PositiveInt | None = None
     seeds: SeedsParams
     labels: LabelsParams = LabelsParams()
     datasets: DatasetsParams = DatasetsParams()

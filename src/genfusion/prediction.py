@@ -1,7 +1,6 @@
 """Sliced prediction: a detector run over a whole scene of any size, slice by slice, its boxes merged.
 
-A scene is read window by window (GeoTIFF and TIFF through rasterio, so an orthomosaic larger than
-memory never sits in it whole; other formats through Pillow, decoded once). Each slice of
+A scene is read window by window where its format allows (`scene_images`). Each slice of
 `predict.slice` px goes through the detector at its training size, in batches; the boxes go back
 to scene pixels and the duplicates that overlapping slices make are merged. Merging finds the
 overlapping pairs with an R-tree (shapely's STRtree), so its cost grows with the number of boxes,
@@ -12,16 +11,14 @@ that both keep the same boxes.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from genfusion.errors import GenfusionError
-from genfusion.images import open_image, to_rgb
 from genfusion.progress import progress_bar
 from genfusion.tiling import Window, tile_windows
 
@@ -29,11 +26,9 @@ if TYPE_CHECKING:
     from ultralytics import YOLO
 
     from genfusion.params import PredictParams
+    from genfusion.scene_images import SceneImage
 
 log = logging.getLogger(__name__)
-
-RASTER_SUFFIXES = (".tif", ".tiff")
-GDAL_CACHE_MB = 64
 
 
 @dataclass(frozen=True)
@@ -56,102 +51,6 @@ class Detections:
             np.concatenate([p.scores for p in parts]),
             np.concatenate([p.classes for p in parts]).astype(int),
         )
-
-
-class SceneImage(Protocol):
-    path: Path
-    size: tuple[int, int]  # (width, height)
-    crs: object | None  # a georeferenced raster's CRS (rasterio's), else None
-    transform: object | None  # its pixel-to-map affine transform, when it has a CRS
-
-    def read(self, window: Window) -> np.ndarray:
-        """The window's pixels, (height, width, 3) 8-bit RGB."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class PillowScene:
-    """A PNG, JPEG or other image Pillow reads, decoded once (EXIF orientation applied, as the
-    seeds stage does)."""
-
-    def __init__(self, path: Path):
-        from PIL import Image
-
-        self.path = Path(path)
-        try:
-            with open_image(self.path) as raw:
-                pixels, _ = to_rgb(raw, self.path)
-        except Image.DecompressionBombError as exc:
-            raise GenfusionError(
-                f"{self.path}: too large to decode whole ({exc}); convert it to a tiled GeoTIFF, which"
-                " predict reads window by window (e.g. gdal_translate -co TILED=YES)"
-            ) from exc
-        self.pixels = np.asarray(pixels)
-        self.size = (self.pixels.shape[1], self.pixels.shape[0])
-        self.crs = None
-        self.transform = None
-
-    def read(self, window: Window) -> np.ndarray:
-        return self.pixels[window.y0 : window.y1, window.x0 : window.x1]
-
-    def close(self) -> None:
-        pass
-
-
-class RasterScene:
-    """A (Geo)TIFF read window by window with rasterio: grey or RGB(A) 8-bit bands."""
-
-    def __init__(self, path: Path):
-        import rasterio
-        from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
-
-        self.path = Path(path)
-        # GDAL keeps every decoded block by default (up to 5 % of RAM), so memory would grow with
-        # the scene; windows go row by row, and a few rows of blocks is all they reuse.
-        self.env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
-        self.env.__enter__()
-        try:
-            with warnings.catch_warnings():  # predict says itself when there is no CRS, once
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                self.source = rasterio.open(self.path)
-        except RasterioIOError as exc:
-            self.env.__exit__(None, None, None)
-            raise GenfusionError(f"{self.path}: not a readable image ({exc})") from exc
-        source = self.source
-        if source.count not in (1, 3, 4) or set(source.dtypes) != {"uint8"}:
-            self.close()
-            raise GenfusionError(
-                f"{self.path}: {source.count} band(s) of {'/'.join(sorted(set(source.dtypes)))}; predict"
-                " reads 8-bit grey, RGB or RGBA rasters: convert it first (e.g. gdal_translate -ot Byte"
-                " -scale -b 1 -b 2 -b 3)"
-            )
-        self.bands = [1, 1, 1] if source.count == 1 else [1, 2, 3]
-        self.alpha = source.count == 4
-        self.size = (source.width, source.height)
-        self.crs = source.crs
-        self.transform = source.transform if source.crs is not None else None
-
-    def read(self, window: Window) -> np.ndarray:
-        from rasterio.windows import Window as RasterWindow
-
-        area = RasterWindow(window.x0, window.y0, window.width, window.height)
-        pixels = np.moveaxis(self.source.read(self.bands, window=area), 0, -1)
-        if self.alpha:  # composited onto black, as the seeds stage does with an alpha channel
-            alpha = self.source.read(4, window=area)[..., None].astype(np.uint16)
-            pixels = ((pixels * alpha + 127) // 255).astype(np.uint8)
-        return pixels
-
-    def close(self) -> None:
-        self.source.close()
-        self.env.__exit__(None, None, None)
-
-
-def open_scene(path: Path) -> PillowScene | RasterScene:
-    path = Path(path)
-    if not path.is_file():
-        raise GenfusionError(f"{path}: image file not found")
-    return RasterScene(path) if path.suffix.lower() in RASTER_SUFFIXES else PillowScene(path)
 
 
 def batches(items: Sequence[Window], size: int) -> Iterator[Sequence[Window]]:

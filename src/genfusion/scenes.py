@@ -18,8 +18,9 @@ from pathlib import Path
 from genfusion import fsio
 from genfusion.boxes import Box, LabelledImage
 from genfusion.errors import GenfusionError
-from genfusion.images import open_image, read_header, to_rgb
+from genfusion.images import read_header
 from genfusion.progress import progress_bar
+from genfusion.scene_images import copy_scene, open_scene
 from genfusion.tiling import exif_box
 
 ANNOTATIONS = "annotations.json"
@@ -82,14 +83,14 @@ def check_scene(
     return Scene(item.image.stem, item.image, (width, height), tuple(kept))
 
 
-def coco_ground_truth(scenes: Sequence[Scene], classes: Sequence[str]) -> dict:
+def coco_ground_truth(scenes: Sequence[Scene], file_names: Sequence[str], classes: Sequence[str]) -> dict:
     """The scenes' boxes as a COCO dataset: image ids in scene order from 1, boxes [x, y, w, h]."""
     images, annotations = [], []
-    for image_id, scene in enumerate(scenes, start=1):
+    for image_id, (scene, file_name) in enumerate(zip(scenes, file_names, strict=True), start=1):
         images.append(
             {
                 "id": image_id,
-                "file_name": f"{IMAGES}/{scene.name}.png",
+                "file_name": file_name,
                 "width": scene.size[0],
                 "height": scene.size[1],
             }
@@ -109,9 +110,12 @@ def coco_ground_truth(scenes: Sequence[Scene], classes: Sequence[str]) -> dict:
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def write_scene_set(out: Path, scenes: Sequence[Scene], classes: Sequence[str], what: str) -> None:
-    """Write the scenes whole (8-bit RGB PNG) with their COCO ground truth; `out` appears only
-    when complete."""
+def write_scene_set(
+    out: Path, scenes: Sequence[Scene], classes: Sequence[str], what: str, max_pixels: int
+) -> None:
+    """Write the scenes whole as 8-bit RGB (`scene_images.copy_scene`: PNG, or a tiled GeoTIFF
+    for a scene read window by window) with their COCO ground truth; `out` appears only when
+    complete."""
     names = Counter(scene.name for scene in scenes)
     clashes = sorted(name for name, count in names.items() if count > 1)
     if clashes:
@@ -121,11 +125,16 @@ def write_scene_set(out: Path, scenes: Sequence[Scene], classes: Sequence[str], 
         )
     with fsio.replace_dir(out) as tmp:
         (tmp / IMAGES).mkdir()
+        file_names = []
         for scene in progress_bar(scenes, f"{what}: writing scenes", total=len(scenes)):
-            with open_image(scene.image) as raw:
-                pixels, _ = to_rgb(raw, scene.image)
-                pixels.save(tmp / IMAGES / f"{scene.name}.png")
-        (tmp / ANNOTATIONS).write_text(json.dumps(coco_ground_truth(scenes, classes), indent=1) + "\n")
+            reader = open_scene(scene.image, max_pixels)
+            try:
+                copy = copy_scene(reader, tmp / IMAGES / scene.name)
+            finally:
+                reader.close()
+            file_names.append(copy.relative_to(tmp).as_posix())
+        ground_truth = coco_ground_truth(scenes, file_names, classes)
+        (tmp / ANNOTATIONS).write_text(json.dumps(ground_truth, indent=1) + "\n")
 
 
 @dataclass(frozen=True)

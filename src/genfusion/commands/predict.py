@@ -19,7 +19,8 @@ from genfusion import fsio
 from genfusion.errors import GenfusionError
 from genfusion.integrations.ultralytics import load_yolo
 from genfusion.params import Params
-from genfusion.prediction import Detections, check_slicing, open_scene, predict_scene
+from genfusion.prediction import Detections, check_slicing, predict_scene
+from genfusion.scene_images import open_scene
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def main(params: Params, *, weights: Path, images: Sequence[Path], out: Path) ->
             " their outputs would overwrite each other: predict them into separate --out folders"
         )
     for image_id, path in enumerate(files, start=1):
-        scene = open_scene(path)
+        scene = open_scene(path, params.seeds.max_pixels)
         try:
             found = predict_scene(
                 model, scene, params.predict, conf=params.predict.conf, iou=params.predict.iou,

@@ -23,7 +23,8 @@ from genfusion import fsio, layout, scoring
 from genfusion.errors import GenfusionError
 from genfusion.integrations.ultralytics import load_yolo
 from genfusion.params import Params, TrainParams
-from genfusion.prediction import check_slicing, open_scene, predict_scene
+from genfusion.prediction import check_slicing, predict_scene
+from genfusion.scene_images import open_scene
 from genfusion.scenes import SceneSet, read_scene_set
 
 
@@ -53,7 +54,7 @@ def detect_scenes(weights: Path, scenes: SceneSet, params: Params) -> list[dict]
     check_slicing(model, weights, params.predict)
     results = []
     for entry in scenes.images:
-        scene = open_scene(scenes.image(entry))
+        scene = open_scene(scenes.image(entry), None)  # the project's own copy: no limit
         try:
             found = predict_scene(
                 model, scene, params.predict, conf=params.evaluate.conf, iou=params.evaluate.iou,

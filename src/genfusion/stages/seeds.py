@@ -17,16 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from PIL import Image
 
 from genfusion import fsio, layout
 from genfusion.boxes import Box, LabelledImage
 from genfusion.errors import GenfusionError
 from genfusion.formats.yolo import yolo_line
-from genfusion.images import open_image, to_rgb
 from genfusion.params import SPLITS, Params, SeedsParams
 from genfusion.progress import progress_bar
+from genfusion.scene_images import open_scene, pillow_limit_lifted
 from genfusion.scenes import Scene, check_scene, write_scene_set
-from genfusion.tiling import Window, assign_splits, boxes_in_window, tile_windows
+from genfusion.tiling import Window, assign_splits, tile_boxes
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,10 @@ class Tile:
 def plan_tiles(scenes: Sequence[Scene], params: SeedsParams, counts: Counter) -> list[Tile]:
     tiles = []
     for scene in scenes:
-        for window in tile_windows(*scene.size, params.tile_size, params.tile_overlap):
-            cut = boxes_in_window(scene.boxes, window, params.min_visibility, params.min_box_size)
+        for window, cut in tile_boxes(
+            scene.boxes, scene.size, params.tile_size, params.tile_overlap, params.min_visibility,
+            params.min_box_size,
+        ):  # fmt: skip
             counts["cut_by_tile_edge"] += cut.cut
             counts["dropped_by_tile_edge"] += cut.dropped
             tiles.append(Tile(scene, window, cut.boxes))
@@ -109,9 +112,15 @@ def dataset_yaml(classes: Sequence[str]) -> str:
 
 
 def write_real_dataset(
-    out: Path, splits: dict[str, list[Tile]], classes: Sequence[str], counts: Counter, task: str = "detect"
+    out: Path,
+    splits: dict[str, list[Tile]],
+    classes: Sequence[str],
+    counts: Counter,
+    task: str = "detect",
+    max_pixels: int | None = None,
 ) -> None:
-    """Write images, labels, manifest and dataset yaml; `out` appears only when complete."""
+    """Write images, labels, manifest and dataset yaml; `out` appears only when complete. Each
+    scene is read a tile window at a time where its format allows (`scene_images`)."""
     manifest = io.StringIO()
     rows = csv.writer(manifest, lineterminator="\n")
     rows.writerow(["image", "scene", "split", "boxes", "width", "height", "x0", "y0"])
@@ -124,13 +133,17 @@ def write_real_dataset(
             layout.images_dir(tmp, split).mkdir(parents=True)
             layout.labels_dir(tmp, split).mkdir(parents=True)
         for source, split_tiles_ in progress_bar(by_scene.items(), "seeds: tiling", total=len(by_scene)):
-            with open_image(source) as raw:
-                pixels, conversion = to_rgb(raw, source)
-            if conversion:
-                counts[f"converted_{conversion}"] += 1
+            scene = open_scene(source, max_pixels)
+            if scene.conversion:
+                counts[f"converted_{scene.conversion}"] += 1
+            try:
+                for split, tile in split_tiles_:
+                    image = Image.fromarray(scene.read(tile.window))
+                    image.save(layout.images_dir(tmp, split) / f"{tile.name}.png")
+            finally:
+                scene.close()
             for split, tile in split_tiles_:
                 w = tile.window
-                pixels.crop((w.x0, w.y0, w.x1, w.y1)).save(layout.images_dir(tmp, split) / f"{tile.name}.png")
                 lines = [yolo_line(b, classes.index(b.label), w.width, w.height, task) for b in tile.boxes]
                 layout.label_file(tmp, tile.name, split).write_text("".join(f"{x}\n" for x in lines))
                 counts["written"] += len(tile.boxes)
@@ -183,7 +196,9 @@ def test_scenes(splits: dict[str, list[Tile]], out: Path) -> list[Scene]:
     for split in SPLITS:
         for tile in splits[split]:
             tiles_of.setdefault(tile.scene.name, []).append(tile)
-    whole = {name for name, tiles in tiles_of.items() if all(t in splits["test"] for t in tiles)}
+    # By identity: comparing tiles compares their scenes' boxes, and `in` a list is a scan.
+    in_test = {id(tile) for tile in splits["test"]}
+    whole = {name for name, tiles in tiles_of.items() if all(id(t) in in_test for t in tiles)}
     scenes = {tile.scene.name: tile.scene for tile in splits["test"] if tile.scene.name in whole}
     alone = [
         Scene(
@@ -210,13 +225,16 @@ def run_seeds(
     """The stage's core: annotated images in, `out` dataset (box or outline labels, as `task`
     says) and, when given, `scenes_out` (the test split's scenes whole) written, report returned."""
     counts: Counter = Counter()
-    scenes = [check_scene(item, params.class_map, params.min_box_size, counts, task) for item in items]
+    with pillow_limit_lifted():  # headers only; what is decoded whole is bounded by max_pixels
+        scenes = [check_scene(item, params.class_map, params.min_box_size, counts, task) for item in items]
     check_tile_size(scenes, params.tile_size)
     tiles = plan_tiles(scenes, params, counts)
     splits = split_tiles(tiles, params)
-    write_real_dataset(out, splits, classes, counts, task)
+    write_real_dataset(out, splits, classes, counts, task, params.max_pixels)
     if scenes_out is not None:
-        write_scene_set(scenes_out, test_scenes(splits, out), classes, "seeds: test scenes")
+        write_scene_set(
+            scenes_out, test_scenes(splits, out), classes, "seeds: test scenes", params.max_pixels
+        )
     report = import_report(scenes, splits, counts)
     log.info(
         "seeds: %d scenes -> %s tiles (train/val/test), %d boxes written, %d clipped, %d dropped",
@@ -233,7 +251,8 @@ def main(params: Params, *, out: Path, scenes: Path, report: Path) -> None:
     """Entry point: paths from dvc.yaml, everything else from params."""
     from genfusion.formats import read_annotations
 
-    items = read_annotations(params.seeds.source, params.seeds.format)
+    with pillow_limit_lifted():  # the readers read image headers
+        items = read_annotations(params.seeds.source, params.seeds.format)
     fsio.write_json(
         report, run_seeds(items, params.seeds, params.classes, out, params.task, scenes_out=scenes)
     )

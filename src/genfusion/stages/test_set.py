@@ -12,11 +12,14 @@ from pathlib import Path
 
 from genfusion.formats import read_annotations
 from genfusion.params import Params
+from genfusion.scene_images import pillow_limit_lifted
 from genfusion.scenes import check_scene, write_scene_set
 
 
 def main(params: Params, *, name: str, source: Path, out: Path) -> None:
-    items = read_annotations(source, "auto")
     counts: Counter = Counter()
-    scenes = [check_scene(item, params.seeds.class_map, params.seeds.min_box_size, counts) for item in items]
-    write_scene_set(out, scenes, params.classes, f"test_set@{name}")
+    with pillow_limit_lifted():  # headers only; what is decoded whole is bounded by max_pixels
+        items = read_annotations(source, "auto")
+        seeds = params.seeds
+        scenes = [check_scene(item, seeds.class_map, seeds.min_box_size, counts) for item in items]
+    write_scene_set(out, scenes, params.classes, f"test_set@{name}", seeds.max_pixels)
