@@ -63,14 +63,15 @@ class PillowScene:
         self.path = Path(path)
         with pillow_limit_lifted(), open_image(self.path) as raw:
             check_pixel_count(self.path, raw.size, max_pixels)
-            pixels, self.conversion = to_rgb(raw, self.path)
-        self.pixels = np.asarray(pixels)
-        self.size = (self.pixels.shape[1], self.pixels.shape[0])
+            # Kept as Pillow holds it, and cut per window: a numpy copy of the whole scene would
+            # nearly double the peak memory.
+            self.image, self.conversion = to_rgb(raw, self.path)
+        self.size = self.image.size
         self.crs = None
         self.transform = None
 
     def read(self, window: Window) -> np.ndarray:
-        return self.pixels[window.y0 : window.y1, window.x0 : window.x1]
+        return np.asarray(self.image.crop((window.x0, window.y0, window.x1, window.y1)))
 
     def close(self) -> None:
         pass
@@ -83,7 +84,7 @@ def check_pixel_count(path: Path, size: tuple[int, int], max_pixels: int | None)
             f"{path}: {width} x {height} px ({width * height / 1e6:.0f} megapixels) is over"
             f" seeds.max_pixels ({max_pixels:,}), and this image is decoded whole: convert it to an"
             " 8-bit tiled GeoTIFF, which is read window by window (gdal_translate -ot Byte -co"
-            " TILED=YES), or raise seeds.max_pixels if memory allows (it takes about 6 bytes a pixel)"
+            " TILED=YES), or raise seeds.max_pixels if memory allows (decoding takes about 8 bytes a pixel)"
         )
 
 
@@ -203,7 +204,7 @@ def copy_scene(scene: PillowScene | RasterScene, stem: Path) -> Path:
     copied a band of rows at a time, so it is never whole in memory; any other as a PNG."""
     if isinstance(scene, PillowScene):
         out = stem.with_suffix(".png")
-        Image.fromarray(scene.pixels).save(out)
+        scene.image.save(out)
         return out
     import rasterio
     from rasterio.windows import Window as RasterWindow
