@@ -3,20 +3,30 @@
 Import Ultralytics through `load_yolo()` only: its settings must be in place before
 the first import, which otherwise probes the network and, with dvclive installed,
 turns on a callback that rewrites the root dvc.yaml during `dvc exp run`.
+
+`training_state` and `restore_training_state` reach into the trainer of Ultralytics 8.4 (its
+loaders, EMA and close_mosaic schedule) to resume a run exactly; tests/test_train.py checks that
+they still do.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from genfusion import layout
 from genfusion.errors import GenfusionError
 
 if TYPE_CHECKING:
+    import torch
     from ultralytics import YOLO
+    from ultralytics.engine.trainer import BaseTrainer
+
+log = logging.getLogger(__name__)
 
 # Per-project settings folder (git-ignored, at the project root), so runs never touch ~/.config.
 CONFIG_DIR = ".yolo"
@@ -67,3 +77,102 @@ def load_yolo(model: str | Path) -> YOLO:
         return YOLO(name)
     except FileNotFoundError as exc:
         raise GenfusionError(f"train.model: cannot build {name!r}: {exc}") from exc
+
+
+def training_state(trainer: BaseTrainer) -> dict[str, Any]:
+    """What a resumed run needs, besides Ultralytics' last.pt, to go on exactly as this one will
+    after the epoch it has just trained.
+
+    last.pt holds the EMA, from which a resumed run takes its weights, and the optimizer in half
+    precision, and no random state: this adds the weights, EMA and optimizer in full precision,
+    the random generators, the train loader's shuffling and the mosaic buffer (the recently loaded
+    images mosaic picks its partners from).
+    """
+    import numpy as np
+    import torch
+    from ultralytics.utils.torch_utils import unwrap_model
+
+    loader = trainer.train_loader
+    state = {
+        "model": unwrap_model(trainer.model).state_dict(),
+        "ema": trainer.ema.ema.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "sampler": loader.sampler.generator.get_state(),
+        "mosaic_buffer": list(loader.dataset.buffer),
+    }
+    if trainer.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(trainer.device)
+    return state
+
+
+def restore_training_state(trainer: BaseTrainer, state: dict[str, Any]) -> None:
+    """Put back a `training_state` at the start of a resumed run's first epoch: after Ultralytics
+    has loaded last.pt, re-seeded the generators and built the loaders, before the epoch draws."""
+    import numpy as np
+    import torch
+    from ultralytics.utils.torch_utils import unwrap_model
+
+    unwrap_model(trainer.model).load_state_dict(state["model"])
+    trainer.ema.ema.load_state_dict(state["ema"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    if trainer.accumulate > 1:
+        log.warning(
+            "train: with train.nbs above train.batch, each step adds up the gradients of %d batches,"
+            " and Ultralytics starts that count afresh on resume: the resumed epochs may differ"
+            " slightly from an uninterrupted run's (train.nbs equal to train.batch resumes exactly)",
+            trainer.accumulate,
+        )
+    loader = trainer.train_loader
+    if loader.num_workers:
+        log.warning(
+            "train: %d data-loading worker processes draw the augmentations, and their random state"
+            " is lost with the interrupted run: the resumed epochs see other batches and"
+            " augmentations than an uninterrupted run would (train.workers: 0 resumes exactly)",
+            loader.num_workers,
+        )
+    else:
+        for index in state["mosaic_buffer"]:
+            loader.dataset.load_image(index)  # in the interrupted run's order, as it buffered them
+        continue_shuffling(trainer, state["sampler"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], trainer.device)
+
+
+def continue_shuffling(trainer: BaseTrainer, saved: torch.Tensor) -> None:
+    """Make a resumed run's train loader, fresh from Ultralytics, give from this epoch on the
+    batches the interrupted run's would have given, from its sampler generator's state `saved` at
+    the end of the previous epoch.
+
+    Besides each epoch's permutation, that generator gives the worker seed of every new loader
+    iterator, and each pass of the sampler ends with one more, unused, permutation: drawn at the
+    next epoch's first batch when the epoch did not exhaust the sampler (its last batch was full,
+    or dropped). The interrupted run kept one iterator across epochs, except that Ultralytics
+    resets it when mosaic closes; a resumed run starts a new one, and resets it at its first epoch
+    when that is mosaic's closing epoch or a later one.
+    """
+    import torch
+
+    loader = trainer.train_loader
+    close_epoch = trainer.epochs - trainer.args.close_mosaic if trainer.args.close_mosaic else None
+    generator = loader.sampler.generator
+    if trainer.epoch == close_epoch:
+        # Both runs reset the loader now, leaving the last pass unfinished: the new iterator
+        # draws its seed, then the permutation, from the saved state.
+        generator.set_state(saved)
+        return
+    if close_epoch is not None and trainer.epoch > close_epoch:
+        # Only this run resets the loader now (no reset follows): the new iterator's seed must
+        # not shift the permutations, so the sampler gets a generator of its own.
+        loader.sampler.generator = generator = torch.Generator()
+    else:
+        # The interrupted run drew no seed here: make the iterator before the restore.
+        loader.iterator = loader._get_iterator()
+    generator.set_state(saved)
+    if loader.drop_last or len(loader.sampler) % loader.batch_size == 0:
+        torch.randperm(len(loader.sampler), generator=generator)  # the end of the last pass

@@ -2,7 +2,8 @@
 
 Training runs in a scratch folder beside the output and is renamed into place only
 when it has finished, so an interrupted run leaves no half-written model. Running the
-stage again with the same request resumes from the scratch folder's last epoch.
+stage again with the same request resumes from the scratch folder's last epoch, and goes on
+exactly as the interrupted run would have (`ExactResume`).
 Training curves go to dvclive (our one logging path; Ultralytics' own integrations
 are switched off in `genfusion.integrations.ultralytics`).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -19,8 +21,8 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from genfusion import layout
-from genfusion.integrations.ultralytics import load_yolo
+from genfusion import fsio, layout
+from genfusion.integrations.ultralytics import load_yolo, restore_training_state, training_state
 from genfusion.params import Params, TrainParams
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,68 @@ def checkpoint_epoch(path: Path) -> int | None:
             log.warning("train: cannot resume from %s (%s); starting over", path, exc)
         return None
     return checkpoint["epoch"]
+
+
+class ExactResume:
+    """Ultralytics callbacks that make a resumed run go on exactly as the interrupted one would
+    have: every epoch saves a `training_state` in `folder`, and a resumed run puts back the one of
+    its checkpoint's epoch. Ultralytics' own resume would train on from rounded EMA weights,
+    with a new data order and new augmentations."""
+
+    def __init__(self, folder: Path, resume_epoch: int | None) -> None:
+        self.folder = folder
+        folder.mkdir(exist_ok=True)
+        self.saved = None if resume_epoch is None else self.load(resume_epoch)
+        # on_val_end is given the validator only: the trainer is kept from the epoch's end.
+        self.trainer = None
+
+    def path(self, epoch: int) -> Path:
+        return self.folder / f"epoch-{epoch}.pt"
+
+    def load(self, epoch: int) -> dict | None:
+        import torch
+
+        path = self.path(epoch)
+        if not path.exists():
+            log.warning(
+                "train: no saved training state for epoch %d in %s: resuming from last.pt alone, so"
+                " the resumed epochs will differ from an uninterrupted run's",
+                epoch + 1,
+                self.folder,
+            )
+            return None
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    def attach(self, model) -> None:
+        model.add_callback("on_train_epoch_end", self.on_train_epoch_end)
+        model.add_callback("on_val_end", self.on_val_end)
+        model.add_callback("on_model_save", self.on_model_save)
+        if self.saved is not None:
+            model.add_callback("on_train_epoch_start", self.on_train_epoch_start)
+
+    def on_train_epoch_start(self, trainer) -> None:
+        if self.saved is not None:
+            restore_training_state(trainer, self.saved)
+            self.saved = None
+
+    def on_train_epoch_end(self, trainer) -> None:
+        self.trainer = trainer
+
+    def on_val_end(self, validator) -> None:
+        import torch
+
+        # Ultralytics also calls this for the final validation of best.pt, which is no epoch's.
+        if not validator.training:
+            return
+        # Saved after the epoch's validation, which draws from `random`, and before last.pt, so
+        # that whichever epoch a kill leaves in last.pt has its state here.
+        buffer = io.BytesIO()
+        torch.save(training_state(self.trainer), buffer)
+        fsio.write_bytes(self.path(self.trainer.epoch), buffer.getvalue())
+
+    def on_model_save(self, trainer) -> None:
+        # last.pt has moved on to this epoch, whose state is saved: the previous one is spent.
+        self.path(trainer.epoch - 1).unlink(missing_ok=True)
 
 
 class DvcLiveLogger:
@@ -142,8 +206,10 @@ def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainPara
     logger = DvcLiveLogger(scratch / "live", resume)
     if resume:
         logger.catch_up(scratch / "results.csv", last_epoch)
+    exact_resume = ExactResume(scratch / "resume-state", last_epoch)
     model = load_yolo(last if resume else params.model)
     logger.attach(model)
+    exact_resume.attach(model)
     data = str(data_yaml.resolve())
     if resume:
         model.train(resume=True, data=data, workers=params.workers, device=params.device)
@@ -158,6 +224,7 @@ def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainPara
             **args,
         )
     logger.live.end()
+    shutil.rmtree(exact_resume.folder)
 
     for stale in (out, live_out):
         shutil.rmtree(stale, ignore_errors=True)
