@@ -152,3 +152,35 @@ def test_sweep_points_come_from_every_experiments_summary() -> None:
     bars = synthetic_figure(points).axes[0].containers
     assert [bar.get_label() for bar in bars] == ["mixed (yolov8n)", "real (yolov8n)"]
     assert [list(bar.lines[0].get_xdata()) for bar in bars] == [[20, 40], [0]]
+
+
+def test_detections_figure_draws_a_large_scene_from_a_preview(tmp_path: Path) -> None:
+    """A test scene kept as a tiled GeoTIFF is drawn from a decimated read, the boxes scaled to it."""
+    from PIL import Image
+    from test_seeds import write_ortho
+
+    from genfusion.boxes import Box
+    from genfusion.params import load_params
+    from genfusion.scenes import Scene, read_scene_set, write_scene_set
+    from genfusion.stages.report import detections_figure, scene_previews
+
+    ortho = tmp_path / "ortho.tif"
+    write_ortho(ortho, 3000, 2000)
+    box = Box("tree", 1500, 1000, 1800, 1300)
+    write_scene_set(
+        tmp_path / "scenes", [Scene("ortho", ortho, (3000, 2000), (box,))], ["tree"], "test", 10**9
+    )
+    scene_set = read_scene_set(tmp_path / "scenes")
+    ((pixels, scale),) = scene_previews(scene_set, scene_set.images, 400).values()
+    assert pixels.shape == (267, 400, 3) and scale == pytest.approx((400 / 3000, 267 / 2000))
+    full = np.asarray(Image.open(ortho).convert("RGB").resize((400, 267), Image.Resampling.BOX), dtype=float)
+    assert np.abs(pixels - full).mean() < 2  # GDAL's average against Pillow's box filter
+
+    found = {"real (yolov8n)": [{"image_id": 1, "bbox": [1500, 1000, 300, 300], "score": 0.9}]}
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    figure = np.asarray(detections_figure(scene_set, found, params))
+    assert figure.shape[1] == 400
+    red = (figure[..., 0] > 200) & (figure[..., 1] < 60) & (figure[..., 2] < 60)
+    rows, columns = np.nonzero(red)
+    # The box spans 300 of 3000 px across: about 40 of the preview's 400 (drawn 2 px wide).
+    assert 195 <= columns.min() <= 205 and 235 <= columns.max() <= 245

@@ -39,6 +39,10 @@ class SceneImage(Protocol):
         """The window's pixels, (height, width, 3) 8-bit RGB."""
         ...
 
+    def preview(self, longest: int) -> np.ndarray:
+        """The whole scene scaled to at most `longest` px a side (never up), 8-bit RGB."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -72,6 +76,11 @@ class PillowScene:
 
     def read(self, window: Window) -> np.ndarray:
         return np.asarray(self.image.crop((window.x0, window.y0, window.x1, window.y1)))
+
+    def preview(self, longest: int) -> np.ndarray:
+        small = self.image.copy()
+        small.thumbnail((longest, longest))
+        return np.asarray(small)
 
     def close(self) -> None:
         pass
@@ -126,10 +135,23 @@ class RasterScene:
     def read(self, window: Window) -> np.ndarray:
         from rasterio.windows import Window as RasterWindow
 
-        area = RasterWindow(window.x0, window.y0, window.width, window.height)
-        pixels = np.moveaxis(self.source.read(self.bands, window=area), 0, -1)
+        return self._bands(window=RasterWindow(window.x0, window.y0, window.width, window.height))
+
+    def preview(self, longest: int) -> np.ndarray:
+        from rasterio.enums import Resampling
+
+        scale = min(1.0, longest / max(self.size))
+        shape = (max(1, round(self.size[1] * scale)), max(1, round(self.size[0] * scale)))
+        # Decimated by GDAL (from the raster's overviews when it has them), never read whole.
+        return self._bands(out_shape=shape, resampling=Resampling.average)
+
+    def _bands(self, **how) -> np.ndarray:
+        shape = how.pop("out_shape", None)
+        sized = {"out_shape": (3, *shape)} if shape else {}
+        pixels = np.moveaxis(self.source.read(self.bands, **sized, **how), 0, -1)
         if self.alpha:  # composited onto black, as the seeds stage does with an alpha channel
-            alpha = self.source.read(4, window=area)[..., None].astype(np.uint16)
+            sized = {"out_shape": shape} if shape else {}
+            alpha = self.source.read(4, **sized, **how)[..., None].astype(np.uint16)
             pixels = ((pixels * alpha + 127) // 255).astype(np.uint8)
         return pixels
 

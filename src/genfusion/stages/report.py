@@ -26,6 +26,7 @@ from genfusion import fsio, scoring
 from genfusion.errors import GenfusionError
 from genfusion.figures import synthetic_figure, synthetic_points
 from genfusion.params import TEST_SET
+from genfusion.scene_images import open_scene
 from genfusion.scenes import read_scene_set
 
 if TYPE_CHECKING:
@@ -260,6 +261,21 @@ def draw_boxes(image, boxes: Sequence[PixelBox], colour: str, width: int):
     return image
 
 
+def scene_previews(scene_set, entries: Sequence[dict], longest: int) -> dict[int, tuple]:
+    """Each scene at most `longest` px a side (an orthomosaic is never read whole), with the
+    scale from scene pixels to its pixels."""
+    previews = {}
+    for entry in entries:
+        scene = open_scene(scene_set.image(entry), None)
+        try:
+            pixels = scene.preview(longest)
+        finally:
+            scene.close()
+        scale = (pixels.shape[1] / scene.size[0], pixels.shape[0] / scene.size[1])
+        previews[entry["id"]] = (pixels, scale)
+    return previews
+
+
 def detections_figure(scene_set, found: dict[str, list[dict]], params: Params, columns: int = 4):
     """A row per variant: its detections scoring at least report.conf (red) and the true boxes
     (yellow) on the test scenes."""
@@ -267,28 +283,32 @@ def detections_figure(scene_set, found: dict[str, list[dict]], params: Params, c
 
     from genfusion.figures import grid
 
+    cell = 400
     entries = scene_set.images[:columns]
-    truth: dict[int, list[PixelBox]] = defaultdict(list)
-    for box in scene_set.ground_truth["annotations"]:
-        x, y, w, h = box["bbox"]
-        truth[box["image_id"]].append((x, y, x + w, y + h))
+    previews = scene_previews(scene_set, entries, cell)
+
+    def boxes_by_image(records: Sequence[dict]) -> dict[int, list[PixelBox]]:
+        """COCO boxes in the pixels of their scene's preview."""
+        placed: dict[int, list[PixelBox]] = defaultdict(list)
+        for record in records:
+            if record["image_id"] in previews:
+                x, y, w, h = record["bbox"]
+                sx, sy = previews[record["image_id"]][1]
+                placed[record["image_id"]].append((x * sx, y * sy, (x + w) * sx, (y + h) * sy))
+        return placed
+
+    truth = boxes_by_image(scene_set.ground_truth["annotations"])
     rows = []
     for name, detections in found.items():
-        shown: dict[int, list[PixelBox]] = defaultdict(list)
-        for d in detections:
-            if d["score"] >= params.report.conf:
-                x, y, w, h = d["bbox"]
-                shown[d["image_id"]].append((x, y, x + w, y + h))
+        shown = boxes_by_image([d for d in detections if d["score"] >= params.report.conf])
         images = []
         for entry in entries:
-            image = draw_boxes(
-                Image.open(scene_set.image(entry)).convert("RGB"), truth[entry["id"]], "yellow", 1
-            )
+            image = draw_boxes(Image.fromarray(previews[entry["id"]][0]), truth[entry["id"]], "yellow", 1)
             images.append(draw_boxes(image, shown[entry["id"]], "red", 2))
         found_count = sum(len(shown[e["id"]]) for e in entries)
         true_count = sum(len(truth[e["id"]]) for e in entries)
         rows.append((f"{name}: {found_count} found, {true_count} true", images))
-    return grid(rows, len(entries), cell=400)
+    return grid(rows, len(entries), cell=cell)
 
 
 def interval_table(
