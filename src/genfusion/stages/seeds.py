@@ -12,7 +12,7 @@ import csv
 import io
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from genfusion.errors import GenfusionError
 from genfusion.formats.yolo import yolo_line
 from genfusion.params import SPLITS, Params, SeedsParams
 from genfusion.progress import progress_bar
-from genfusion.scene_images import open_scene, pillow_limit_lifted
+from genfusion.scene_images import SceneImage, open_scene, pillow_limit_lifted
 from genfusion.scenes import Scene, check_scene, write_scene_set
 from genfusion.tiling import Window, assign_splits, tile_boxes
 
@@ -111,6 +111,22 @@ def dataset_yaml(classes: Sequence[str]) -> str:
     )
 
 
+def scene_tiles(
+    by_scene: dict[Path, list[tuple[str, Tile]]], max_pixels: int | None, counts: Counter
+) -> Iterator[tuple[SceneImage, str, Tile]]:
+    """Each tile with its split and its scene, open while its tiles are read (one scene at a time:
+    an orthomosaic is thousands of tiles, which the progress bar counts)."""
+    for source, split_tiles_ in by_scene.items():
+        scene = open_scene(source, max_pixels)
+        if scene.conversion:
+            counts[f"converted_{scene.conversion}"] += 1
+        try:
+            for split, tile in split_tiles_:
+                yield scene, split, tile
+        finally:
+            scene.close()
+
+
 def write_real_dataset(
     out: Path,
     splits: dict[str, list[Tile]],
@@ -132,21 +148,15 @@ def write_real_dataset(
         for split in SPLITS:
             layout.images_dir(tmp, split).mkdir(parents=True)
             layout.labels_dir(tmp, split).mkdir(parents=True)
-        for source, split_tiles_ in progress_bar(by_scene.items(), "seeds: tiling", total=len(by_scene)):
-            scene = open_scene(source, max_pixels)
-            if scene.conversion:
-                counts[f"converted_{scene.conversion}"] += 1
-            try:
-                for split, tile in split_tiles_:
-                    image = Image.fromarray(scene.read(tile.window))
-                    image.save(layout.images_dir(tmp, split) / f"{tile.name}.png")
-            finally:
-                scene.close()
-            for split, tile in split_tiles_:
-                w = tile.window
-                lines = [yolo_line(b, classes.index(b.label), w.width, w.height, task) for b in tile.boxes]
-                layout.label_file(tmp, tile.name, split).write_text("".join(f"{x}\n" for x in lines))
-                counts["written"] += len(tile.boxes)
+        total = sum(len(tiles) for tiles in by_scene.values())
+        for scene, split, tile in progress_bar(
+            scene_tiles(by_scene, max_pixels, counts), "seeds: tiling", total=total
+        ):
+            w = tile.window
+            Image.fromarray(scene.read(w)).save(layout.images_dir(tmp, split) / f"{tile.name}.png")
+            lines = [yolo_line(b, classes.index(b.label), w.width, w.height, task) for b in tile.boxes]
+            layout.label_file(tmp, tile.name, split).write_text("".join(f"{x}\n" for x in lines))
+            counts["written"] += len(tile.boxes)
         for split in SPLITS:
             for tile in sorted(splits[split], key=lambda t: t.name):
                 w = tile.window
