@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,24 @@ def uninterrupted(workspace: Path) -> Path:
     run = subprocess.run(train_command(workspace, "full-0"), cwd=workspace, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     return workspace / "models" / "full-0"
+
+
+@pytest.mark.integration
+def test_a_run_killed_after_its_last_epoch_trains_again(workspace: Path, uninterrupted: Path) -> None:
+    """A kill after the last epoch, before the scratch folder became the output, leaves a finished
+    (stripped) checkpoint, which Ultralytics cannot resume: it would train anew from the finished
+    weights (and fails its check on an unstripped last-epoch one). The stage trains again from the
+    start instead, and ends as the uninterrupted run did."""
+    assert checkpoint_epoch(uninterrupted / "weights" / "last.pt") == -1  # stripped at the end
+    scratch = workspace / "models" / ".finished-0.partial"
+    shutil.copytree(uninterrupted, scratch)
+    run = subprocess.run(
+        train_command(workspace, "finished-0"), cwd=workspace, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert "killed after its last epoch; training again" in run.stdout + run.stderr
+    assert results(workspace / "models" / "finished-0") == results(uninterrupted)
+    assert not scratch.exists()
 
 
 @pytest.mark.integration

@@ -195,7 +195,12 @@ def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainPara
     last = scratch / "weights" / "last.pt"
     same_request = request_file.exists() and request_file.read_text() == fingerprint
     last_epoch = checkpoint_epoch(last) if same_request else None
-    resume = last_epoch is not None
+    # Ultralytics resumes only an unfinished run: a checkpoint of the last epoch, or one stripped
+    # at the end (epoch -1), is a run killed in its final steps, which Ultralytics would fail on or
+    # train anew from the finished weights.
+    resume = last_epoch is not None and 0 <= last_epoch < args["epochs"] - 1
+    if last_epoch is not None and not resume:
+        log.warning("train: the run in %s was killed after its last epoch; training again", scratch)
     if resume:
         log.info("train: resuming the interrupted run in %s", scratch)
     else:
