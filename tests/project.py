@@ -18,7 +18,10 @@ OUTPUTS = (
     "data/scenes/",
     "data/predictions/",
     "data/datasets/",
-    "models/",
+    "models/base/",
+    "models/finetuned/",
+    "models/detectors/",
+    "models/onnx/",
     "metrics/",
     "reports/",
 )

@@ -251,3 +251,21 @@ def test_an_unreadable_manifest_is_an_error_naming_it_and_generate_remakes_its_i
     # For the image runner the manifest is only resume state: the images are made again.
     rows = run(pipe, tmp_path / "out", 2)
     assert read_manifest(manifest) == {row["file"]: row for row in rows}
+
+
+@pytest.mark.parametrize("change", ["dtype", "attention_slicing"])
+def test_a_setting_that_changes_pixels_remakes_the_images(
+    base_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, change: str
+) -> None:
+    """The weights' precision and sliced attention are in the request: images made under other
+    ones are not kept (they differ from a fresh render)."""
+    out = tmp_path / "out"
+    first = run(load_generator(base_dir), out, 2)
+    assert {(row["dtype"], row["device"], row["attention_slicing"]) for row in first} == {
+        ("float32", "cpu", "False")
+    }
+    changed = {"dtype": {"dtype": "bfloat16"}, "attention_slicing": {"attention_slicing": True}}[change]
+    with caplog.at_level(logging.INFO, logger="genfusion.jobs"):
+        again = run(load_generator(base_dir, **changed), out, 2)
+    assert "2 images to make, 0 kept" in caplog.text
+    assert [row[change] for row in again] == [{"dtype": "bfloat16", "attention_slicing": "True"}[change]] * 2

@@ -74,13 +74,30 @@ def use_threads(threads: int | None) -> int:
     (its CPU set, not every core of the machine): libraries that size their pools from the machine
     oversubscribe a shared one, and then run many times slower. Set before torch is imported, the
     variables size its pool and OpenMP's; child processes inherit them."""
-    count = threads or len(os.sched_getaffinity(0))
+    # Processes of one stage on one machine (`diffusion.processes`, torchrun) share its cores.
+    count = threads or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     for name in THREAD_VARS:
         os.environ[name] = str(count)
     if "torch" in sys.modules:  # imported already (a test, `accelerate launch`): resize its pool
         sys.modules["torch"].set_num_threads(count)
     logging.getLogger(__name__).debug("computing on %d threads", count)
     return count
+
+
+def _launched(params) -> bool:
+    """Run this command again as `diffusion.processes` processes (torchrun, on one machine) when
+    it asks for more than one and is not one of them already; True when they ran it."""
+    import subprocess
+
+    processes = params.diffusion.processes
+    if processes == 1 or "LOCAL_RANK" in os.environ:
+        return False
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    logging.getLogger(__name__).info("running on %d processes: torchrun -m genfusion.cli ...", processes)
+    done = subprocess.run([*command, "-m", "genfusion.cli", *sys.argv[1:]])
+    if done.returncode:
+        raise typer.Exit(done.returncode)
+    return True
 
 
 @app.command()
@@ -137,7 +154,30 @@ def train(
     """Train one YOLO detector (params: train.*)."""
     from genfusion.stages.train import main
 
-    main(_params(params_path), data=data, seed=seed, out=out, live=live)
+    settings = _params(params_path)
+    check_pretrained_weights(settings.train.model)
+    main(settings, data=data, seed=seed, out=out, live=live)
+
+
+# The train stages' DVC dependency (dvc.yaml, paths.pretrained), relative to the project folder.
+PRETRAINED = Path("models/pretrained")
+
+
+def check_pretrained_weights(model: str, project: Path | None = None) -> None:
+    """Refuse `train.model` weights (a .pt) outside `models/pretrained/` of `project` (default: the
+    working directory, where DVC runs the stage): the train stages depend on that folder, so
+    weights elsewhere could change without DVC retraining the detectors."""
+    if not model.endswith(".pt"):
+        return
+    project = Path.cwd() if project is None else Path(project)
+    folder = (project / PRETRAINED).resolve()
+    # The file's folder, not the file: with DVC's symlink cache the file links into .dvc/cache.
+    if not (project / model).parent.resolve().is_relative_to(folder):
+        raise GenfusionError(
+            f"train.model: weights file {model!r} is outside {PRETRAINED}/, the folder the train stages"
+            f" depend on, so DVC would not retrain when it changes; copy it into {PRETRAINED}/,"
+            f" `dvc add {PRETRAINED}/{Path(model).name}` and set train.model to that path"
+        )
 
 
 ScenesOpt = Annotated[Path, typer.Option(help="Scene set folder (images/ and annotations.json).")]
@@ -267,12 +307,15 @@ BaseOpt = Annotated[Path, typer.Option(help="Base model folder from `base-model`
 def base_model(
     real: RealOpt = Path("data/real"),
     out: Annotated[Path, typer.Option(help="Output folder for the base model.")] = Path("models/base"),
+    checkpoints: Annotated[
+        Path, typer.Option(help="Folder of local checkpoints (the stage's DVC dependency).")
+    ] = Path("models/checkpoints"),
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Pretrain the builtin tiny Stable Diffusion, or check and record an external one (diffusion.*)."""
     from genfusion.stages.base_model import main
 
-    main(_params(params_path), real=real, out=out)
+    main(_params(params_path), real=real, out=out, checkpoints=checkpoints)
 
 
 @app.command()
@@ -287,7 +330,9 @@ def generate(
     """Text-to-image with a subject's generator; keeps images already made (generate.*)."""
     from genfusion.stages.generate import main
 
-    main(_params(params_path), subject=subject, base=base, finetuned=finetuned, real=real, out=out)
+    settings = _params(params_path)
+    if not _launched(settings):
+        main(settings, subject=subject, base=base, finetuned=finetuned, real=real, out=out)
 
 
 @app.command()
@@ -303,7 +348,9 @@ def variations(
     """img2img variations of every real train tile, boxes carried over (variations.*)."""
     from genfusion.stages.variations import main
 
-    main(_params(params_path), base=base, finetuned=finetuned, real=real, out=out)
+    settings = _params(params_path)
+    if not _launched(settings):
+        main(settings, base=base, finetuned=finetuned, real=real, out=out)
 
 
 @app.command("class-images")
@@ -316,7 +363,9 @@ def class_images(
     """Prior-preservation images of a subject's class prompt, made by the base model."""
     from genfusion.stages.class_images import main
 
-    main(_params(params_path), subject=subject, base=base, out=out)
+    settings = _params(params_path)
+    if not _launched(settings):
+        main(settings, subject=subject, base=base, out=out)
 
 
 @app.command()
@@ -332,15 +381,9 @@ def finetune(
     """DreamBooth fine-tuning of one subject, LoRA or full UNet (finetune.*, subjects.*)."""
     from genfusion.stages.finetune import main
 
-    main(
-        _params(params_path),
-        subject=subject,
-        base=base,
-        real=real,
-        class_images=class_images,
-        out=out,
-        live=live,
-    )
+    settings = _params(params_path)
+    if not _launched(settings):
+        main(settings, subject=subject, base=base, real=real, class_images=class_images, out=out, live=live)
 
 
 @app.command()
@@ -507,14 +550,12 @@ def main() -> None:
     try:
         app(standalone_mode=True)
     except GenfusionError as exc:
-        if _debug():
-            traceback.print_exception(exc)
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        # Several processes of one stage meet the same error: the first one says it.
+        if os.environ.get("RANK", "0") == "0":
+            if _debug():
+                traceback.print_exception(exc)
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
-
-
-if __name__ == "__main__":  # `accelerate launch -m genfusion.cli ...` runs the module
-    main()
 
 
 cross_scene_app = typer.Typer(
@@ -561,3 +602,7 @@ def cross_scene_report(
     report_main(
         _params(params_path), scenes=scenes, predictions=predictions, summary=summary, markdown=markdown
     )
+
+
+if __name__ == "__main__":  # `torchrun -m genfusion.cli ...` runs the module
+    main()

@@ -188,6 +188,7 @@ class DiffusionParams(Section):
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     attention_slicing: bool = False
+    processes: PositiveInt = 1
     pretrain_steps: NonNegativeInt = 300
     pretrain_vae_steps: NonNegativeInt = 120
     pretrain_batch: PositiveInt = 8
@@ -247,6 +248,16 @@ class FinetuneParams(Section):
     prior_loss_weight: Annotated[float, Field(ge=0)] = 1.0
     num_class_images: NonNegativeInt = 50
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _steps_are_optimizer_steps(self) -> FinetuneParams:
+        if self.steps < self.grad_accum:
+            raise ValueError(
+                f"steps ({self.steps}) counts optimizer steps, each of grad_accum ({self.grad_accum})"
+                " batches; fewer steps than grad_accum looks like a count of batches: give the number of"
+                " optimizer steps (steps x grad_accum batches are drawn in all), or lower grad_accum"
+            )
+        return self
 
 
 class SelectParams(Section):
@@ -349,6 +360,7 @@ class Params(Section):
                     f"subjects.{name}.select.classes: {unknown} are not in classes {self.classes}"
                 )
             self.finetune_for(name)
+        self._precision_runs_on_device()
         segmentation_model = "-seg" in Path(self.train.model).stem
         if (self.task == "segment") != segmentation_model:
             raise ValueError(
@@ -369,6 +381,26 @@ class Params(Section):
                     f" classes {self.classes}"
                 )
         return self
+
+    def _precision_runs_on_device(self) -> None:
+        """Half precision (float16) has no fast CPU kernels: diffusers warns that it fails, and it
+        runs several times slower; accelerate ignores fp16 mixed precision on the CPU."""
+        if self.diffusion.device != "cpu":
+            return
+        if self.diffusion.dtype == "float16":
+            raise ValueError(
+                "diffusion.dtype: float16 does not run on diffusion.device: cpu; use bfloat16 (or"
+                " float32) on the CPU, or set diffusion.device: cuda"
+            )
+        settings = [("finetune", self.finetune)] + [
+            (f"subjects.{name}.finetune", self.finetune_for(name)) for name in self.subjects
+        ]
+        for key, finetune in settings:
+            if finetune.mixed_precision == "fp16":
+                raise ValueError(
+                    f"{key}.mixed_precision: fp16 needs a GPU and diffusion.device is cpu; use bf16"
+                    " (or fp32) on the CPU, or set diffusion.device: cuda"
+                )
 
     def subject(self, name: str) -> SubjectParams:
         """The subject `name`, with its class prompt defaulting to diffusion.class_prompt."""

@@ -2,7 +2,9 @@
 
 A generator is a base model (the builtin tiny one saved by `base_model`, a local
 `save_pretrained` folder or a Hugging Face hub id already in the local cache) plus, optionally,
-a fine-tuned subject folder (LoRA weights or a full UNet). Nothing is ever downloaded.
+a fine-tuned subject folder (LoRA weights or a full UNet). SD 1.x and 2.x load as
+`StableDiffusionPipeline`, SDXL as `StableDiffusionXLPipeline`; the stages use what the two
+share. Nothing is ever downloaded.
 torch and diffusers are imported inside the functions so that `genfusion --help` stays fast.
 """
 
@@ -43,10 +45,17 @@ SCHEDULERS = {
     "dpmsolver++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
-SUPPORTED_PIPELINE = "StableDiffusionPipeline"
+# The checkpoints the stages run on, with the resolution each family was trained at (for advice).
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": "SD 1.x: 512 px, SD 2.x: 768 px (512 px for the -base models)",
+    "StableDiffusionXLPipeline": "SDXL: 1024 px",
+}
+# diffusion.resolution may be this factor off the model's own before it is refused: far from it,
+# a UNet makes repeated or broken objects (SDXL at 512 px, SD 1.x at 1024 px).
+RESOLUTION_TOLERANCE = 1.5
 
 
-def _byte_level_tokenizer(max_length: int):
+def byte_level_tokenizer(max_length: int):
     """A CLIP tokenizer over single bytes: any text tokenizes, no vocabulary download needed."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
@@ -75,7 +84,7 @@ def build_tiny_pipeline(seed: int) -> StableDiffusionPipeline:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     _quiet_library_progress_bars()
-    tokenizer = _byte_level_tokenizer(TINY_MAX_LENGTH)
+    tokenizer = byte_level_tokenizer(TINY_MAX_LENGTH)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=32,
@@ -165,17 +174,13 @@ def resolve_source(source: str, revision: str | None) -> Path:
         ) from exc
 
 
-def load_pipeline(
-    source: str, revision: str | None = None, dtype: str = "float32", device: str = "cpu"
-) -> StableDiffusionPipeline:
-    """A Stable Diffusion 1.x/2.x pipeline from a `save_pretrained` folder or a cached hub id."""
-    from diffusers import StableDiffusionPipeline
-
-    _quiet_library_progress_bars()
-    folder = resolve_source(source, revision)
+def pipeline_class_name(folder: Path) -> str:
+    """The pipeline class a checkpoint folder's model_index.json names, checked to be one we run,
+    with every component it lists present."""
     index = folder / "model_index.json"
     try:
-        class_name = json.loads(index.read_text())["_class_name"]
+        entries = json.loads(index.read_text())
+        class_name = entries["_class_name"]
     except FileNotFoundError as exc:
         raise GenfusionError(
             f"diffusion.base: {folder} is not a diffusers pipeline folder (no model_index.json);"
@@ -183,15 +188,38 @@ def load_pipeline(
         ) from exc
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise GenfusionError(f"{index}: not a diffusers model index ({exc!r})") from exc
-    if class_name != SUPPORTED_PIPELINE:
+    if class_name not in SUPPORTED_PIPELINES:
         raise GenfusionError(
-            f"diffusion.base: {folder} holds a {class_name}; only {SUPPORTED_PIPELINE} checkpoints"
-            " (Stable Diffusion 1.x / 2.x) are supported"
+            f"diffusion.base: {folder} holds a {class_name}; only {' and '.join(SUPPORTED_PIPELINES)}"
+            " checkpoints (Stable Diffusion 1.x / 2.x and SDXL) are supported"
         )
+    missing = [
+        name
+        for name, entry in entries.items()
+        if not name.startswith("_")
+        and isinstance(entry, list)
+        and None not in entry
+        and not (folder / name).is_dir()
+    ]
+    if missing:
+        raise GenfusionError(
+            f"diffusion.base: {folder} lacks {', '.join(f'{name}/' for name in missing)}, which its"
+            f" model_index.json lists: the checkpoint is incomplete; download or copy the whole folder again"
+        )
+    return class_name
+
+
+def load_pipeline(
+    source: str, revision: str | None = None, dtype: str = "float32", device: str = "cpu"
+) -> StableDiffusionPipeline:
+    """A Stable Diffusion 1.x/2.x or SDXL pipeline from a `save_pretrained` folder or a cached hub id."""
+    import diffusers
+
+    _quiet_library_progress_bars()
+    folder = resolve_source(source, revision)
+    pipeline_class = getattr(diffusers, pipeline_class_name(folder))
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder, dtype=torch_dtype(dtype), local_files_only=True
-        )
+        pipe = pipeline_class.from_pretrained(folder, dtype=torch_dtype(dtype), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise GenfusionError(f"diffusion.base: cannot load the pipeline in {folder}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
@@ -199,6 +227,59 @@ def load_pipeline(
         return pipe.to(device)
     except RuntimeError as exc:
         raise GenfusionError(f"diffusion.device: cannot use device {device!r}: {exc}") from exc
+
+
+def is_sdxl(pipe) -> bool:
+    """SDXL: two text encoders, and a UNet conditioned on pooled text and image size ("time ids")."""
+    return type(pipe).__name__.startswith("StableDiffusionXL")
+
+
+def native_resolution(pipe) -> int:
+    """The image side the model was trained at: its UNet's latent side times the autoencoder's stride."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def check_model_resolution(pipe, resolution: int) -> None:
+    """Refuse a diffusion.resolution far from the checkpoint's own, naming the fix."""
+    native = native_resolution(pipe)
+    if not native / RESOLUTION_TOLERANCE <= resolution <= native * RESOLUTION_TOLERANCE:
+        family = SUPPORTED_PIPELINES[type(pipe).__name__.replace("Img2Img", "")]
+        raise GenfusionError(
+            f"diffusion.resolution: {resolution} px is far from the {native} px this"
+            f" {type(pipe).__name__} checkpoint was trained at; set diffusion.resolution: {native}"
+            f" ({family})"
+        )
+
+
+def img2img_pipeline(pipe):
+    """The image-to-image pipeline of `pipe`'s family on the same loaded components.
+
+    Built directly rather than with `from_pipe`, whose dtype cast logs a spurious float32 warning.
+    """
+    import inspect
+
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+    cls = StableDiffusionXLImg2ImgPipeline if is_sdxl(pipe) else StableDiffusionImg2ImgPipeline
+    accepted = inspect.signature(cls.__init__).parameters
+    settings = {k: v for k, v in pipe.config.items() if k in accepted and k not in pipe.components}
+    img2img = cls(**{k: v for k, v in pipe.components.items() if k in accepted}, **settings)
+    img2img.set_progress_bar_config(disable=True)
+    return img2img
+
+
+def pixel_settings(pipe) -> dict[str, str]:
+    """What changes a generated image's pixels besides model, prompt, seed and sampler: the
+    weights' precision, the device type and sliced attention. Each is a manifest column, so a
+    change remakes the images."""
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    sliced = any(isinstance(p, SlicedAttnProcessor) for p in pipe.unet.attn_processors.values())
+    return {
+        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+        "device": pipe.device.type,
+        "attention_slicing": str(sliced),
+    }
 
 
 def _file_sha256(path: Path) -> str:
@@ -352,10 +433,26 @@ def check_resolution(resolution: int) -> None:
         )
 
 
+def process_state(device: str) -> PartialState:
+    """This process's place among the stage's processes (`diffusion.processes`, or a `torchrun`
+    / `accelerate launch` of the stage): a CPU run joins the group over gloo."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu")
+
+
+def stage_device(diffusion: DiffusionParams, state: PartialState) -> str:
+    """diffusion.device, or under several processes each process's own device."""
+    return str(state.device) if state.num_processes > 1 else diffusion.device
+
+
 def open_generator(
     diffusion: DiffusionParams, base_dir: Path, finetuned_dir: Path | None, state: PartialState
 ) -> StableDiffusionPipeline:
-    """The stage's generator on its device: diffusion.device, or each process's own GPU under
-    `accelerate launch`."""
-    device = str(state.device) if state.num_processes > 1 else diffusion.device
-    return load_generator(base_dir, finetuned_dir, diffusion.dtype, device, diffusion.attention_slicing)
+    """The stage's generator on its device, checked against diffusion.resolution."""
+    pipe = load_generator(
+        base_dir, finetuned_dir, diffusion.dtype, stage_device(diffusion, state), diffusion.attention_slicing
+    )
+    if read_source(base_dir)["base"] != BUILTIN_TINY:  # the builtin model learns at any resolution
+        check_model_resolution(pipe, diffusion.resolution)
+    return pipe

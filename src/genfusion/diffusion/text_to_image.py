@@ -12,7 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from genfusion.diffusion.pipelines import check_prompt, check_resolution, memory_guard, use_scheduler
+from genfusion.diffusion.pipelines import (
+    check_prompt,
+    check_resolution,
+    memory_guard,
+    pixel_settings,
+    use_scheduler,
+)
 from genfusion.errors import GenfusionError
 from genfusion.jobs import ImageJob, run_jobs
 
@@ -34,6 +40,9 @@ GENERATE_COLUMNS = (
     "steps",
     "guidance",
     "resolution",
+    "dtype",
+    "device",
+    "attention_slicing",
 )
 
 
@@ -85,6 +94,7 @@ def text_to_image(
                 pipe.tokenizer, prompt, classes, f"generate.prompts[{k}]"
             )
     use_scheduler(pipe, sampler.scheduler)
+    settings = pixel_settings(pipe)
     jobs = []
     for i in range(count):
         stem = f"{subject}_{i:05d}"
@@ -99,6 +109,7 @@ def text_to_image(
             "steps": sampler.steps,
             "guidance": sampler.guidance,
             "resolution": resolution,
+            **settings,
         }
         extras: tuple[str, ...] = ()
         if attention is not None:

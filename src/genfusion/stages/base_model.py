@@ -24,6 +24,7 @@ from genfusion.diffusion.pipelines import (
     BUILTIN_TINY,
     SOURCE_FILE,
     build_tiny_pipeline,
+    check_model_resolution,
     check_prompt,
     load_pipeline,
     memory_guard,
@@ -201,19 +202,33 @@ def save_builtin(pipe: StableDiffusionPipeline, folder: Path) -> None:
     )
 
 
+def check_tracked(base: str, checkpoints: Path) -> None:
+    """A local checkpoint folder must be in `checkpoints`, this stage's DVC dependency: elsewhere
+    an edited checkpoint would rerun nothing. A hub id names a fixed snapshot by its revision."""
+    folder = Path(base)
+    if folder.is_dir() and not folder.resolve().is_relative_to(checkpoints.resolve()):
+        raise GenfusionError(
+            f"diffusion.base: {base} is outside {checkpoints}/, so DVC cannot see when it changes;"
+            f" move or copy it to {checkpoints}/{folder.name}, version it with"
+            f" `dvc add {checkpoints}/{folder.name}` and set diffusion.base: {checkpoints}/{folder.name}"
+        )
+
+
 def describe_external(params: DiffusionParams) -> dict:
     """Load an external checkpoint once to check it; its source record with a weights fingerprint."""
     # Loading on the CPU checks the files and their format without needing the GPU here.
-    load_pipeline(params.base, params.revision, params.dtype, "cpu")
+    pipe = load_pipeline(params.base, params.revision, params.dtype, "cpu")
+    check_model_resolution(pipe, params.resolution)
     folder = resolve_source(params.base, params.revision)
     log.info("base_model: fingerprinting the weights in %s", folder)
     return {"base": params.base, "revision": params.revision, "fingerprint": weights_fingerprint(folder)}
 
 
-def main(params: Params, *, real: Path, out: Path) -> None:
+def main(params: Params, *, real: Path, out: Path, checkpoints: Path) -> None:
     """Entry point: paths from dvc.yaml, everything else from params.diffusion."""
     settings = params.diffusion
     if settings.base != BUILTIN_TINY:
+        check_tracked(settings.base, checkpoints)
         source = describe_external(settings)
         with fsio.replace_dir(out) as scratch:
             fsio.write_json(scratch / SOURCE_FILE, source)

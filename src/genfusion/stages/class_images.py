@@ -16,13 +16,11 @@ if TYPE_CHECKING:
 def main(params: Params, *, subject: str, base: Path, out: Path) -> None:
     """Entry point: `finetune.num_class_images` images with seeds from `finetune.seed`, sampled with
     the `generate` settings."""
-    from accelerate import PartialState
-
-    from genfusion.diffusion.pipelines import model_fingerprint, open_generator
+    from genfusion.diffusion.pipelines import model_fingerprint, open_generator, process_state
     from genfusion.diffusion.text_to_image import text_to_image
 
     spec, settings = params.subject(subject), params.finetune_for(subject)
-    state = PartialState()
+    state = process_state(params.diffusion.device)
     text_to_image(
         open_generator(params.diffusion, base, None, state),
         params.generate,

@@ -23,9 +23,13 @@ def count_real_train(real: Path) -> int:
 
 def main(params: Params, *, subject: str, base: Path, finetuned: Path | None, real: Path, out: Path) -> None:
     """Entry point: paths from dvc.yaml, everything else from params (generate.*, diffusion.*)."""
-    from accelerate import PartialState
-
-    from genfusion.diffusion.pipelines import model_fingerprint, open_generator, read_finetune, render_prompt
+    from genfusion.diffusion.pipelines import (
+        model_fingerprint,
+        open_generator,
+        process_state,
+        read_finetune,
+        render_prompt,
+    )
     from genfusion.diffusion.text_to_image import text_to_image
 
     diffusion, request = params.diffusion, params.generate
@@ -47,7 +51,7 @@ def main(params: Params, *, subject: str, base: Path, finetuned: Path | None, re
         recorded = read_finetune(finetuned)
         values |= {key: recorded[key] for key in ("instance_prompt", "class_prompt") if key in recorded}
     prompts = [render_prompt(t, f"generate.prompts[{k}]", **values) for k, t in enumerate(request.prompts)]
-    state = PartialState()
+    state = process_state(params.diffusion.device)
     text_to_image(
         open_generator(diffusion, base, finetuned, state),
         request,

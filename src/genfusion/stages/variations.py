@@ -16,14 +16,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from genfusion import layout
-from genfusion.diffusion.pipelines import check_prompt, check_resolution, memory_guard, use_scheduler
+from genfusion.diffusion.pipelines import (
+    check_prompt,
+    check_resolution,
+    img2img_pipeline,
+    memory_guard,
+    pixel_settings,
+    use_scheduler,
+)
 from genfusion.errors import GenfusionError
 from genfusion.images import open_image, read_header, to_rgb
 from genfusion.jobs import ImageJob, run_jobs
 
 if TYPE_CHECKING:
     from accelerate import PartialState
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from PIL import Image
 
     from genfusion.params import Params, VariationsParams
@@ -43,6 +50,9 @@ VARIATION_COLUMNS = (
     "steps",
     "guidance",
     "resolution",
+    "dtype",
+    "device",
+    "attention_slicing",
 )
 
 
@@ -67,7 +77,7 @@ def source_pairs(real: Path) -> list[tuple[Path, Path]]:
 
 
 def make_variations(
-    pipe: StableDiffusionPipeline,
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline,
     sources: Sequence[tuple[Path, Path]],
     settings: VariationsParams,
     out_dir: Path,
@@ -80,18 +90,13 @@ def make_variations(
     """Write `settings.per_image` variations of each (image, label) source into
     `out_dir/images|labels/`, with `prompt` (the rendered `settings.prompt`)."""
     import torch
-    from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
 
     check_resolution(resolution)
     check_prompt(pipe.tokenizer, prompt, "variations.prompt")
-    # The loaded components, shared: what `from_pipe` does, minus its dtype cast that logs a
-    # spurious float32 warning.
-    img2img = StableDiffusionImg2ImgPipeline(
-        **pipe.components, requires_safety_checker=pipe.config.requires_safety_checker
-    )
-    img2img.set_progress_bar_config(disable=True)
+    img2img = img2img_pipeline(pipe)
     use_scheduler(img2img, settings.scheduler)
+    pixels = pixel_settings(pipe)
     sizes: dict[Path, tuple[int, int]] = {}
     jobs = []
     for s, (image, label) in enumerate(sorted(sources, key=lambda pair: pair[0].name)):
@@ -114,6 +119,7 @@ def make_variations(
                 "steps": settings.steps,
                 "guidance": settings.guidance,
                 "resolution": resolution,
+                **pixels,
             }
             text_row = {k: str(v) for k, v in row.items()}
             jobs.append(ImageJob(row["file"], text_row, row["seed"], prompt, image, {row["label"]: boxes}))
@@ -152,13 +158,11 @@ def make_variations(
 
 def main(params: Params, *, base: Path, finetuned: Path | None, real: Path, out: Path) -> None:
     """Entry point: paths from dvc.yaml, everything else from params (variations.*, diffusion.*)."""
-    from accelerate import PartialState
-
-    from genfusion.diffusion.pipelines import model_fingerprint, open_generator, render_prompt
+    from genfusion.diffusion.pipelines import model_fingerprint, open_generator, process_state, render_prompt
 
     diffusion, request = params.diffusion, params.variations
     prompt = render_prompt(request.prompt, "variations.prompt", class_prompt=diffusion.class_prompt)
-    state = PartialState()
+    state = process_state(diffusion.device)
     make_variations(
         open_generator(diffusion, base, finetuned, state),
         source_pairs(real),
