@@ -1,4 +1,6 @@
-"""The train stage for real (tiny settings): outputs, dvclive curves, exact resume after a kill."""
+"""The train stage for real (tiny settings): outputs, dvclive curves, exact resume after a kill,
+pretrained weights (where they must live, that training starts from them, that DVC retrains on new
+ones)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from project import commit, project_repo
+from project import run as repo_run
 
+from genfusion.cli import check_pretrained_weights
 from genfusion.formats import read_annotations
 from genfusion.integrations.ultralytics import configure_offline, continue_shuffling
 from genfusion.layout import Sources
@@ -189,3 +194,159 @@ def test_resumed_loader_shuffles_like_the_interrupted_one(
     trainer = SimpleNamespace(train_loader=resumed, epoch=resume_epoch, epochs=EPOCHS, args=args)
     continue_shuffling(trainer, killed.sampler.generator.get_state())
     assert batches_per_epoch(resumed, range(resume_epoch, EPOCHS)) == full[resume_epoch:]
+
+
+def train_params(root: Path, name: str, **train) -> Path:
+    """The workspace's params with some train.* keys changed, as `root/name`."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(train)
+    (root / name).write_text(yaml.safe_dump(params))
+    return root / name
+
+
+def train(root: Path, name: str, *options: str) -> None:
+    done = subprocess.run([*train_command(root, name), *options], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def first_epoch_loss(out: Path) -> float:
+    """The first epoch's train loss (box + cls + dfl), as Ultralytics logs it."""
+    first = results(out)[0]
+    return sum(float(value) for key, value in first.items() if key.startswith("train/"))
+
+
+def parameters(path: Path) -> list[torch.Tensor]:
+    model = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return [p.detach().float() for p in model.parameters()]
+
+
+def distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return sum(((x - y) ** 2).sum() for x, y in zip(a, b, strict=True)).sqrt().item()
+
+
+@pytest.fixture(scope="module")
+def pretrained(workspace: Path) -> Path:
+    """Weights trained on the workspace's dataset, where train.model may name them:
+    models/pretrained/start.pt. Seed 1, so that they grew from another random model than a seed-0
+    run from scratch starts with."""
+    train(workspace, "pretrain-1", "--seed", "1")
+    path = workspace / "models/pretrained/start.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(workspace / "models/pretrain-1/weights/last.pt", path)
+    return path
+
+
+@pytest.mark.integration
+def test_training_starts_from_pretrained_weights(workspace: Path, pretrained: Path) -> None:
+    starts = {"from-pt-0": "models/pretrained/start.pt", "scratch-0": "yolov8n.yaml"}
+    for name, model in starts.items():
+        params = train_params(workspace, f"params-{name}.yaml", model=model, epochs=2)
+        train(workspace, name, "--params", params.name)
+    loss = {name: first_epoch_loss(workspace / "models" / name) for name in starts}
+    assert loss["from-pt-0"] < loss["scratch-0"], loss
+    # The weights were loaded, not just the architecture: two epochs move the pretrained weights
+    # little, and the run from scratch ends far from them.
+    start = parameters(pretrained)
+    moved = {
+        name: distance(parameters(workspace / f"models/{name}/weights/last.pt"), start) for name in starts
+    }
+    assert moved["from-pt-0"] < 0.1 * moved["scratch-0"], moved
+
+
+@pytest.mark.integration
+def test_dvc_retrains_when_pretrained_weights_change(tmp_path: Path, pretrained: Path) -> None:
+    tiny = {"variants": ["real"], "seeds": [0], "epochs": 1, "imgsz": 64, "batch": 4, "nbs": 4, "workers": 0}
+    repo = project_repo(tmp_path, {"train": tiny | {"model": "models/pretrained/start.pt"}})
+    repo_run(repo, "dvc", "pull", "-q", "data/seeds/neon-trees.dvc")
+    start = repo / "models/pretrained/start.pt"
+    shutil.copy(pretrained, start)
+    repo_run(repo, "dvc", "add", "-q", "models/pretrained/start.pt")
+    commit(repo, "pretrained weights")
+    assert "Running stage 'train@real-0'" in repo_run(repo, "dvc", "repro", "train@real-0")
+    assert "up to date" in repo_run(repo, "dvc", "status", "train@real-0")
+    before = weights(repo / "models/detectors/real-0/weights/best.pt")
+
+    # Other weights under the same name (the file may be a link into DVC's cache: never write
+    # through it).
+    checkpoint = torch.load(pretrained, map_location="cpu", weights_only=False)
+    with torch.no_grad():
+        for parameter in checkpoint["model"].parameters():
+            parameter.mul_(0.9)
+    start.unlink()
+    torch.save(checkpoint, start)
+    status = repo_run(repo, "dvc", "status", "train@real-0")
+    assert "train@real-0" in status and "changed deps" in status and "models/pretrained" in status, status
+    repo_run(repo, "dvc", "add", "-q", "models/pretrained/start.pt")
+    assert "Running stage 'train@real-0'" in repo_run(repo, "dvc", "repro", "train@real-0")
+    after = weights(repo / "models/detectors/real-0/weights/best.pt")
+    assert any(not torch.equal(before[k], after[k]) for k in before), "trained as from the old weights"
+    assert "up to date" in repo_run(repo, "dvc", "status", "train@real-0")
+
+
+def refusal(tmp_path: Path, model: str, cwd: Path) -> str:
+    """What `genfusion train` says, run in `cwd`, when train.model is `model`."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["model"] = model
+    (tmp_path / "refused.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run(
+        [*train_command(tmp_path), "--params", str(tmp_path / "refused.yaml")],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done.stderr
+    return done.stderr
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "{tmp}/yolov8l.pt",
+        "yolov8l.pt",
+        "models/yolov8l.pt",
+        "models/pretrained/../yolov8l.pt",
+        "{tmp}/models/pretrained/yolov8l.pt",
+    ],
+    ids=["elsewhere", "project-root", "models", "dot-dot", "other-folders-models-pretrained"],
+)
+def test_weights_outside_models_pretrained_are_refused(tmp_path: Path, model: str) -> None:
+    project = tmp_path / "project"
+    (project / "models/pretrained").mkdir(parents=True)
+    model = model.format(tmp=tmp_path)
+    Path(project, model).parent.mkdir(parents=True, exist_ok=True)
+    Path(project, model).write_bytes(b"weights")  # there, so that only the place is wrong
+    message = refusal(tmp_path, model, cwd=project)
+    assert len(message.strip().splitlines()) == 1, message
+    assert f"train.model: weights file {model!r} is outside models/pretrained/" in message
+    assert "copy it into models/pretrained/, `dvc add models/pretrained/yolov8l.pt`" in message
+    assert not (project / "models/real-0").exists() and not (project / "models/.real-0.partial").exists()
+
+
+def test_weights_inside_models_pretrained_and_configs_pass(tmp_path: Path) -> None:
+    (tmp_path / "models/pretrained").mkdir(parents=True)
+    # DVC's symlink cache type links an added file into the cache: its folder is what counts.
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "models/pretrained/linked.pt").symlink_to(tmp_path / "cache/0123")
+    for model in (
+        "yolov8n.yaml",
+        "yolov8n-seg.yaml",
+        "models/pretrained/yolov8l.pt",
+        "./models/pretrained/team/yolov8l.pt",
+        f"{tmp_path}/models/pretrained/yolov8l.pt",
+        "models/pretrained/linked.pt",
+    ):
+        check_pretrained_weights(model, tmp_path)
+
+
+@pytest.mark.integration
+def test_missing_pretrained_weights_are_named(workspace: Path) -> None:
+    """A .pt in the right place that is not there: load_yolo's error, nothing downloaded."""
+    params = train_params(workspace, "params-missing.yaml", model="models/pretrained/missing.pt")
+    done = subprocess.run(
+        [*train_command(workspace, "missing-0"), "--params", params.name],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "train.model: weights file 'models/pretrained/missing.pt' not found" in done.stderr
