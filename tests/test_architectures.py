@@ -219,3 +219,42 @@ def test_half_precision_on_the_cpu_is_refused_naming_the_param_and_the_fix(
     with pytest.raises(GenfusionError, match=message) as error:
         load_params(path)
     assert "use bf" in str(error.value) and "diffusion.device: cuda" in str(error.value)
+
+
+@pytest.mark.integration
+def test_a_dvc_added_checkpoint_reruns_its_stages_when_edited_and_reaches_temporary_experiments(
+    tmp_path: Path,
+) -> None:
+    """The docs' way: the checkpoint in models/checkpoints/, `dvc add`ed. base_model depends on
+    it (an edit reruns it, and the new fingerprint reruns what loads the model), and an
+    experiment in a temporary copy of the repository, as a queued one runs, finds it."""
+    from checkpoints import save_sd1
+    from project import commit, project_repo, run
+
+    repo = project_repo(
+        tmp_path / "repo", {"diffusion": {"base": "models/checkpoints/sd1", "resolution": RESOLUTION}}
+    )
+    run(repo, "dvc", "pull", "-q", "data/seeds/neon-trees.dvc")
+    save_sd1(repo / "models/checkpoints/sd1")
+    run(repo, "dvc", "add", "-q", "models/checkpoints/sd1")
+    commit(repo, "checkpoint")
+    assert "Running stage 'base_model'" in run(repo, "dvc", "repro", "base_model")
+    assert "up to date" in run(repo, "dvc", "status", "base_model")
+    before = json.loads((repo / "models/base/source.json").read_text())["fingerprint"]
+
+    # An edited checkpoint (a link into DVC's cache may be read-only: write a new file).
+    config = repo / "models/checkpoints/sd1/scheduler/scheduler_config.json"
+    edited = json.loads(config.read_text()) | {"beta_end": 0.013}
+    config.unlink()
+    config.write_text(json.dumps(edited))
+    status = run(repo, "dvc", "status", "base_model")
+    assert "changed deps" in status and "models/checkpoints" in status, status
+    run(repo, "dvc", "add", "-q", "models/checkpoints/sd1")
+    commit(repo, "edited checkpoint")
+    assert "Running stage 'base_model'" in run(repo, "dvc", "repro", "base_model")
+    assert json.loads((repo / "models/base/source.json").read_text())["fingerprint"] != before
+
+    # A temporary workspace holds only what git and DVC's cache give it.
+    done = run(repo, "dvc", "exp", "run", "--temp", "base_model", "-S", "diffusion.seed=1", "-n", "tmp-exp")
+    assert "Running stage 'base_model'" in done, done
+    assert "tmp-exp" in run(repo, "dvc", "exp", "list")

@@ -46,7 +46,7 @@ def _setup(
     from rich.logging import RichHandler
 
     if verbose:
-        # Through the environment, so that child processes (accelerate launch) inherit it.
+        # Through the environment, so that child processes (torchrun ranks) inherit it.
         os.environ[DEBUG_VAR] = "1"
     verbose = verbose or _debug()
 
@@ -78,7 +78,7 @@ def use_threads(threads: int | None) -> int:
     count = threads or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     for name in THREAD_VARS:
         os.environ[name] = str(count)
-    if "torch" in sys.modules:  # imported already (a test, `accelerate launch`): resize its pool
+    if "torch" in sys.modules:  # imported already (a test): resize its pool
         sys.modules["torch"].set_num_threads(count)
     logging.getLogger(__name__).debug("computing on %d threads", count)
     return count
