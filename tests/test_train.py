@@ -27,7 +27,7 @@ from genfusion.layout import Sources
 from genfusion.params import load_params
 from genfusion.stages.datasets import build_dataset
 from genfusion.stages.seeds import run_seeds
-from genfusion.stages.train import checkpoint_epoch
+from genfusion.stages.train import checkpoint_epoch, request_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 6
@@ -350,3 +350,20 @@ def test_missing_pretrained_weights_are_named(workspace: Path) -> None:
     )
     assert done.returncode == 2
     assert "train.model: weights file 'models/pretrained/missing.pt' not found" in done.stderr
+
+
+def test_new_pretrained_weights_under_the_same_name_are_a_new_run(workspace: Path, tmp_path: Path) -> None:
+    """An interrupted run resumes only the same request: replaced weights train anew, not on from
+    the run that started from the old ones."""
+    data_yaml = workspace / "data/datasets/real/dataset.yaml"
+    weights = tmp_path / "models/pretrained/start.pt"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"old weights")
+    args = {"epochs": 2, "seed": 0}
+    first = request_fingerprint(data_yaml, str(weights), args)
+    assert request_fingerprint(data_yaml, str(weights), args) == first
+    weights.write_bytes(b"new weights")
+    assert request_fingerprint(data_yaml, str(weights), args) != first
+    assert request_fingerprint(data_yaml, "yolov8n.yaml", args) == request_fingerprint(
+        data_yaml, "yolov8n.yaml", args
+    )

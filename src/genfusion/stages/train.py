@@ -45,12 +45,18 @@ def train_args(params: TrainParams, seed: int, counts: dict) -> dict:
 
 
 def request_fingerprint(data_yaml: Path, model: str, args: dict) -> str:
-    """What makes two training runs the same run, for deciding whether to resume."""
+    """What makes two training runs the same run, for deciding whether to resume: the data, the
+    settings and the starting model (pretrained weights by content: new weights under the same
+    name start a new run)."""
     labels = hashlib.sha256()
     for label in sorted(layout.labels_dir(data_yaml.parent, "train").glob("*.txt")):
         labels.update(label.name.encode() + b"\0" + label.read_bytes() + b"\0")
+    start = {"model": model}
+    if model.endswith(".pt") and Path(model).is_file():
+        with open(model, "rb") as weights:
+            start["weights"] = hashlib.file_digest(weights, "sha256").hexdigest()
     blob = json.dumps(
-        {"data": data_yaml.read_text(), "labels": labels.hexdigest(), "model": model, "args": args},
+        {"data": data_yaml.read_text(), "labels": labels.hexdigest(), **start, "args": args},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
