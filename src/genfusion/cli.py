@@ -85,18 +85,40 @@ def use_threads(threads: int | None) -> int:
 
 
 def _launched(params) -> bool:
-    """Run this command again as `diffusion.processes` processes (torchrun, on one machine) when
-    it asks for more than one and is not one of them already; True when they ran it."""
-    import subprocess
-
+    """Run this command again as `diffusion.processes` processes on this machine (torch's elastic
+    launcher, what `torchrun --standalone` runs) when it asks for more than one and is not one of
+    them already; True when they ran it."""
     processes = params.diffusion.processes
     if processes == 1 or "LOCAL_RANK" in os.environ:
         return False
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    logging.getLogger(__name__).info("running on %d processes: torchrun -m genfusion.cli ...", processes)
-    done = subprocess.run([*command, "-m", "genfusion.cli", *sys.argv[1:]])
-    if done.returncode:
-        raise typer.Exit(done.returncode)
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # The launcher's own progress notes are noise here; a failure is reported below.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    logging.getLogger(__name__).info("running on %d processes (torchrun)", processes)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "genfusion.cli", *sys.argv[1:])
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode != 2:  # 2: a GenfusionError, which that process has said
+            typer.secho(
+                f"error: process {rank} of {processes} failed (exit code {failure.exitcode})",
+                fg=typer.colors.RED,
+                err=True,
+            )
+        raise typer.Exit(2) from exc
     return True
 
 

@@ -89,8 +89,8 @@ def run_jobs(
     `render` gives an image per job, or (image, {file: bytes}) when it also makes the job's
     `extras`; these and the companions are written before the image, which marks the job done.
 
-    Several processes (`accelerate launch`) share the work batch by batch; only the main
-    process deletes strays and writes the manifest.
+    Several processes (`diffusion.processes`, torchrun) share the work batch by batch; only the
+    main process deletes strays and writes the manifest.
     """
     from accelerate import PartialState
 
@@ -121,7 +121,10 @@ def run_jobs(
     mine = blocks[state.process_index :: state.num_processes]
     done = set(kept)
     count = sum(len(block) for block in mine)
-    for chunk in progress_bar(mine, f"{description} ({count} images)", total=len(mine)):
+    share = f"{count} images"
+    if state.num_processes > 1:
+        share += f", process {state.process_index} of {state.num_processes}"
+    for chunk in progress_bar(mine, f"{description} ({share})", total=len(mine)):
         for job, made in zip(chunk, render(chunk), strict=True):
             image, extras = made if isinstance(made, tuple) else (made, {})
             for name, data in (job.companions | extras).items():
