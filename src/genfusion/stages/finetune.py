@@ -144,7 +144,8 @@ def encode(pipe, pixels: torch.Tensor, prompt: str, batch: int = ENCODE_BATCH) -
     """Encode images (batched, on the pipeline's device) and their prompt once for training.
 
     The autoencoder runs in its own dtype, or in float32 instead of float16 when its config asks
-    to be upcast (SDXL's overflows in float16), as diffusers' pipelines do."""
+    to be upcast (SDXL's overflows in float16), as diffusers' pipelines do; that cast is made in
+    place, so the pipeline is for training afterwards, not for generating."""
     import torch
 
     vae = pipe.vae
