@@ -136,6 +136,14 @@ def _save(pipe, folder: Path) -> Path:
     return folder
 
 
+def _save_sd(folder: Path, **components) -> Path:
+    """An SD 1.x / 2.x pipeline of `components`, without safety checker, saved to `folder`."""
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    return _save(pipe, folder)
+
+
 def save_sd1(folder: Path, seed: int = 0) -> Path:
     """Save a scaled-down SD 1.5 (epsilon prediction, conv attention projections) to `folder`."""
     tokenizer = byte_level_tokenizer(MAX_LENGTH)
@@ -148,17 +156,9 @@ def save_sd1(folder: Path, seed: int = 0) -> Path:
     scheduler = PNDMScheduler(
         **_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, prediction_type="epsilon"
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    return _save_sd(
+        folder, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
     )
-    return _save(pipe, folder)
 
 
 def save_sd2(folder: Path, seed: int = 0) -> Path:
@@ -178,17 +178,9 @@ def save_sd2(folder: Path, seed: int = 0) -> Path:
         set_alpha_to_one=False,
         prediction_type="v_prediction",
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    return _save_sd(
+        folder, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
     )
-    return _save(pipe, folder)
 
 
 def save_sdxl(folder: Path, seed: int = 0) -> Path:
