@@ -26,7 +26,7 @@ from genfusion.stages.seeds import run_seeds
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
-# What each architecture fine-tunes with: the profile's full UNet with gradient checkpointing on
+# What each architecture fine-tunes: the profile's full UNet (with its gradient checkpointing) on
 # SD 1.x and 2.x, LoRA on SDXL (as diffusers' SDXL DreamBooth example trains it).
 METHODS = {"sd1": "full", "sd2": "full", "sdxl": "lora"}
 
@@ -41,24 +41,25 @@ def reset_accelerate() -> None:
 
 
 def write_params(root: Path, architecture: str, **sections: dict) -> Path:
-    """The repo's params with the profile's precision and tiny counts, on `architecture`."""
+    """The Genfusion profile on `architecture` at its native resolution, with the CPU's stand-ins
+    for what needs a GPU (bfloat16 / bf16 for float16 / fp16) and tiny counts."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["diffusion"] = {
+    profile = yaml.safe_load((ROOT / "profiles/genfusion.yaml").read_text())
+    assert (profile["diffusion"]["dtype"], profile["finetune"]["mixed_precision"]) == ("float16", "fp16")
+    params["diffusion"] = profile["diffusion"] | {
         "base": f"models/checkpoints/{architecture}",
+        "device": "cpu",
         "resolution": RESOLUTION,
         "dtype": "bfloat16",
     }
-    params["finetune"] = {
+    params["finetune"] = profile["finetune"] | {
         "method": METHODS[architecture],
-        "steps": 2,
-        "batch": 1,
-        "lr": 1e-3,
         "mixed_precision": "bf16",
-        "gradient_checkpointing": True,
+        "steps": 2,
         "num_class_images": 2,
     }
+    params["generate"] = profile["generate"] | {"n": 2, "steps": 2, "batch": 2}
     params["subjects"]["canopy"]["select"] = {"pattern": "*_x0_y0*"}
-    params["generate"] = {"n": 2, "steps": 2, "batch": 2, "guidance": 7.5}
     params["variations"] = {"per_image": 1, "steps": 2, "strength": 0.5, "batch": 4}
     params["prelabel"] = {"method": "attention", "min_box_area": 1}
     for section, values in sections.items():
