@@ -141,12 +141,15 @@ class ExactResume:
 class DvcLiveLogger:
     """Ultralytics callbacks that log each training epoch's losses and val metrics to dvclive."""
 
-    def __init__(self, live_dir: Path, resume: bool) -> None:
+    def __init__(self, live_dir: Path) -> None:
         from dvclive import Live
 
+        # A resumed run rebuilds the curves (`catch_up`): a kill can leave dvclive's files
+        # half-written (its summary truncated to nothing), which dvclive cannot resume from.
+        shutil.rmtree(live_dir, ignore_errors=True)
         # Live() opens the DVC repo (about a second): let it do so while the first epoch trains.
         self._live = ThreadPoolExecutor(max_workers=1).submit(
-            Live, str(live_dir), resume=resume, dvcyaml=None, save_dvc_exp=False, report=None
+            Live, str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None
         )
         self.in_training_epoch = False
 
@@ -162,22 +165,20 @@ class DvcLiveLogger:
         self.in_training_epoch = True
 
     def catch_up(self, results_csv: Path, last_epoch: int) -> None:
-        """Log the epochs up to the checkpoint's that dvclive missed: a kill can land between
-        Ultralytics saving the checkpoint and the epoch's callback, and Ultralytics writes
-        results.csv before the checkpoint, so it has them."""
+        """Log the epochs up to the checkpoint's from Ultralytics' results.csv, which has each of
+        them whole: it is written before the checkpoint, and a kill can land anywhere in
+        dvclive's own writes. Values are results.csv's (6 significant digits)."""
         live = self.live
-        first_missing = live.summary["step"] + 1 if "step" in live.summary else 0
         with results_csv.open(newline="") as f:
             rows = list(csv.DictReader(f, skipinitialspace=True))
-        for row in rows:
-            step = int(float(row.pop("epoch"))) - 1
-            row.pop("time", None)
-            if first_missing <= step <= last_epoch:
-                live.step = step
-                for name, value in row.items():
-                    live.log_metric(name, float(value))
-                live.next_step()
-                first_missing = step + 1
+        # An epoch trained again after an earlier kill has a later row: the one its checkpoint kept.
+        epochs = {int(float(row.pop("epoch"))) - 1: row for row in rows}
+        for step in sorted(s for s in epochs if s <= last_epoch):
+            epochs[step].pop("time", None)
+            live.step = step
+            for name, value in epochs[step].items():
+                live.log_metric(name, float(value))
+            live.next_step()
 
     def on_fit_epoch_end(self, trainer) -> None:
         # Ultralytics also calls this after the final validation, which is no epoch.
@@ -214,7 +215,7 @@ def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainPara
         scratch.mkdir(parents=True)
         request_file.write_text(fingerprint)
 
-    logger = DvcLiveLogger(scratch / "live", resume)
+    logger = DvcLiveLogger(scratch / "live")
     if resume:
         logger.catch_up(scratch / "results.csv", last_epoch)
     exact_resume = ExactResume(scratch / "resume-state", last_epoch)
