@@ -5,8 +5,10 @@ the bad inputs."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
+import math
 import os
 import secrets
 import socket
@@ -20,8 +22,10 @@ import requests
 import yaml
 from PIL import Image
 from project import ROOT, commit, run
+from typer.testing import CliRunner
 
 from genfusion.boxes import Box, polygon_box
+from genfusion.cli import app
 from genfusion.commands import annotate
 from genfusion.errors import GenfusionError
 from genfusion.formats import label_studio as ls_format
@@ -78,6 +82,16 @@ def test_an_export_naming_files_outside_the_images_folder_is_refused(
     tasks = [{"id": 9, "data": {"image": image}, "annotations": [{"id": 1, "result": []}]}]
     with pytest.raises(GenfusionError, match=f"export: task 9: image .* {problem}"):
         ls_format.read_export(tasks, "export", tmp_path, CLASSES, "detect")
+
+
+def test_uncertainty_is_the_mean_binary_entropy_of_the_box_scores() -> None:
+    assert annotate.uncertainty([0.5]) == 1.0  # a coin toss: one full bit
+    assert annotate.uncertainty([1.0, 0.0]) == 0.0  # sure either way
+    # H(0.8) = -(0.8 log2 0.8 + 0.2 log2 0.2) = 0.7219...; H(0.4) = H(0.6) = 0.9709...
+    assert annotate.uncertainty([0.8, 0.4]) == pytest.approx((0.721928 + 0.970951) / 2, abs=1e-6)
+    assert annotate.uncertainty([0.95]) < annotate.uncertainty([0.7]) < annotate.uncertainty([0.55])
+    # The labeller found nothing, or never looked: the most uncertain.
+    assert annotate.uncertainty([]) == annotate.uncertainty(None) == 1.0
 
 
 def test_credentials_come_from_the_environment_before_the_env_file(tmp_path: Path, monkeypatch) -> None:
@@ -372,3 +386,98 @@ def test_a_pull_while_a_dvc_command_runs_writes_nothing_until_it_ends(project: P
     assert pull_locked()["changed_labels"] == ["canopy_00000"]
     digest = hashlib.md5(edited).hexdigest()
     assert (root / ".dvc/cache/files/md5" / digest[:2] / digest[2:]).is_file()
+
+
+# --- the order of the tasks, and a budget -----------------------------------------------------
+
+
+def entropy_bits(p: float) -> float:
+    return 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+def expected_uncertainty(root: Path) -> dict[str, float]:
+    """Each image's uncertainty worked out here from the prelabel manifest's scores: the mean
+    entropy of its boxes' confidences, 1.0 with no box or no row."""
+    with (root / "data/prelabels/canopy/manifest.csv").open(newline="") as f:
+        scores = {Path(row["file"]).stem: json.loads(row["scores"]) for row in csv.DictReader(f)}
+    found = {}
+    for stem in STEMS:
+        own = scores.get(stem) or []
+        found[f"canopy/{stem}.png"] = sum(map(entropy_bits, own)) / len(own) if own else 1.0
+    return found
+
+
+def push_to(root: Path, monkeypatch, title: str, **options) -> dict:
+    """A push into a project of its own, so the other tests' projects stay as they are."""
+    monkeypatch.chdir(root)
+    params = load_params(root / "params.yaml")
+    params = params.model_copy(update={"annotate": params.annotate.model_copy(update={"project": title})})
+    return annotate.push_main(
+        params,
+        subject="canopy",
+        generated=root / "data/generated",
+        prelabels=root / "data/prelabels",
+        **options,
+    )
+
+
+def keys_by_id(server: ls.LabelStudio, project: int) -> list[str]:
+    """The project's task keys in the order of their ids: Label Studio's default labelling stream."""
+    return [key for key, _ in sorted(tasks_by_key(server, project).items(), key=lambda kv: kv[1]["id"])]
+
+
+@pytest.mark.integration
+def test_push_puts_the_most_uncertain_automatic_labels_first(project: Path, monkeypatch) -> None:
+    root = project
+    unsure = expected_uncertainty(root)
+    most_first = sorted(unsure, key=lambda key: (-unsure[key], key))
+    assert most_first != sorted(unsure)  # the fixture's scores make the two orders differ
+    summary = push_to(root, monkeypatch, "ordered {subject}")
+    assert (summary["added"], summary["order"], summary["budget"], summary["skipped"]) == (
+        3,
+        "uncertainty",
+        None,
+        0,
+    )
+    server = api(root)
+    assert keys_by_id(server, summary["project"]) == most_first
+    # Each prediction carries the image-level score 1 - uncertainty (shown in the Data Manager).
+    for key, task in tasks_by_key(server, summary["project"]).items():
+        [prediction] = task["predictions"]
+        assert prediction["score"] == pytest.approx(1 - unsure[key], abs=1e-6)
+
+
+@pytest.mark.integration
+def test_a_budget_pushes_the_most_uncertain_then_the_next_ones(project: Path, monkeypatch) -> None:
+    root = project
+    unsure = expected_uncertainty(root)
+    most_first = sorted(unsure, key=lambda key: (-unsure[key], key))
+    first = push_to(root, monkeypatch, "budget {subject}", budget=2)
+    assert (first["added"], first["budget"], first["skipped"]) == (2, 2, 1)
+    server = api(root)
+    assert keys_by_id(server, first["project"]) == most_first[:2]
+    # A larger budget later adds the next ones, never the same image twice.
+    second = push_to(root, monkeypatch, "budget {subject}", budget=5)
+    assert (second["added"], second["skipped"]) == (1, 0)
+    assert keys_by_id(server, first["project"]) == most_first
+
+
+@pytest.mark.integration
+def test_order_file_keeps_file_order_and_a_budget_below_one_is_refused(
+    project: Path, monkeypatch, tmp_path: Path
+) -> None:
+    root = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["annotate"]["project"] = "by file {subject}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(root)
+    command = ["annotate", "push", "--subject", "canopy", "--params", str(tmp_path / "params.yaml")]
+    refused = CliRunner().invoke(app, [*command, "--budget", "0"])
+    assert isinstance(refused.exception, GenfusionError) and "--budget" in str(refused.exception)
+    server = api(root)
+    assert server.project("by file canopy") is None  # refused before anything reached the server
+    with pytest.raises(GenfusionError, match="--budget must be .* at least 1"):
+        push_to(root, monkeypatch, "by file {subject}", budget=-1)
+    pushed = CliRunner().invoke(app, [*command, "--order", "file"])
+    assert pushed.exit_code == 0, pushed.output
+    assert keys_by_id(server, server.project("by file canopy")) == [f"canopy/{stem}.png" for stem in STEMS]

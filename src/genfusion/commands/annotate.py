@@ -6,7 +6,9 @@ Label Studio, and their labels come back versioned by DVC.
 - push: one project per subject, labelling config from the params classes (rectangles, or
   polygons for `task: segment`); one task per generated image, keyed by subject and file
   name so that pushing again adds nothing; the automatic labels as predictions; images
-  served from this folder through Label Studio's local-file storage.
+  served from this folder through Label Studio's local-file storage. New tasks go in most
+  uncertain automatic labels first (so task ids, and Label Studio's default labelling stream,
+  follow the order in which a person's label is worth most), optionally only the first N.
 - pull: the export in, `data/annotations/<subject>/` out (YOLO labels of every image a
   person finished, and a manifest), written atomically and `dvc add`-ed while DVC's repo lock
   is held (a pull while another DVC command runs writes nothing), with a summary and the
@@ -18,10 +20,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from genfusion import fsio, layout
 from genfusion.errors import GenfusionError
@@ -45,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ("file", "task", "annotation", "updated_at", "boxes")
+Order = Literal["uncertainty", "file"]
+ORDERS: tuple[Order, ...] = ("uncertainty", "file")
 
 
 def label_changes(before: Mapping[str, str], after: Mapping[str, str]) -> dict[str, list[str]]:
@@ -60,6 +65,32 @@ def project_title(settings: AnnotateParams, subject: str) -> str:
     return settings.project.format(subject=subject)
 
 
+def binary_entropy(p: float) -> float:
+    """The entropy in bits of a yes/no with probability `p` (clamped to [0, 1]): 0 when sure, 1 at 0.5."""
+    p = min(max(float(p), 0.0), 1.0)
+    if p in (0.0, 1.0):
+        return 0.0
+    return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+def uncertainty(scores: Sequence[float] | None) -> float:
+    """How unsure an image's automatic labels are, in [0, 1]: the mean binary entropy (bits) of
+    their box confidences. An image with no automatic box, or no automatic labels at all
+    (None), is 1.0, the most uncertain: the labeller found nothing there."""
+    if not scores:
+        return 1.0
+    return sum(binary_entropy(p) for p in scores) / len(scores)
+
+
+def check_order_and_budget(order: str, budget: int | None) -> None:
+    if order not in ORDERS:
+        raise GenfusionError(f"--order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise GenfusionError(
+            f"--budget must be a whole number of images, at least 1 (or left out for all), got {budget!r}"
+        )
+
+
 # --- push / pull ---------------------------------------------------------------------------
 
 
@@ -72,11 +103,17 @@ def push(
     classes: Sequence[str],
     task: str,
     document_root: Path,
+    order: Order = "uncertainty",
+    budget: int | None = None,
 ) -> dict:
-    """Create or update the subject's project and import the images it lacks; a summary back."""
+    """Create or update the subject's project and import the images it lacks, most uncertain
+    automatic labels first (`order: uncertainty`, ties by file name) or by file name (`file`);
+    with a budget, only that many of them. Each prediction's score is 1 - the image's
+    uncertainty. A summary back."""
     from genfusion.images import read_header
     from genfusion.manifest import read_manifest
 
+    check_order_and_budget(order, budget)
     images = layout.image_files(generated)
     if not images:
         raise GenfusionError(
@@ -94,7 +131,7 @@ def push(
     project = server.ensure_project(title, label_config(classes, task))
     server.ensure_storage(project, str(folder))
     existing = server.task_keys(project)
-    new = []
+    new = []  # (uncertainty, file name, task)
     for image in images:
         key = f"{subject}/{image.name}"
         if key in existing:
@@ -102,13 +139,30 @@ def push(
         url = f"/data/local-files/?d={image.resolve().relative_to(root).as_posix()}"
         size = read_header(image).size
         row = auto.get(image.stem)
-        prediction = None
+        prediction, unsure = None, uncertainty(None)
         if row is not None:
             boxes = read_label_file(prelabels / row["file"], classes, size)
             prediction = Prediction(boxes, json.loads(row["scores"]), row["method"])
-        new.append(task_json(key, url, size, task, prediction))
-    server.import_tasks(project, new)
-    return {"project": project, "title": title, "images": len(images), "added": len(new)}
+            unsure = uncertainty(prediction.scores)
+        entry = task_json(key, url, size, task, prediction)
+        if prediction is not None:
+            # Label Studio shows the prediction score in its Data Manager and sorts by it.
+            entry["predictions"][0]["score"] = 1.0 - unsure
+        new.append((unsure, image.name, entry))
+    if order == "uncertainty":
+        new.sort(key=lambda item: (-item[0], item[1]))
+    chosen = new if budget is None else new[:budget]
+    # Label Studio numbers tasks in import order: their ids, and its default stream, follow it.
+    server.import_tasks(project, [entry for _, _, entry in chosen])
+    return {
+        "project": project,
+        "title": title,
+        "images": len(images),
+        "added": len(chosen),
+        "order": order,
+        "budget": budget,
+        "skipped": len(new) - len(chosen),
+    }
 
 
 def pull(
@@ -230,8 +284,17 @@ def serve_main(params: Params, *, port: int | None) -> None:
         subprocess.run(server_command(exe, port), env=env, check=False)
 
 
-def push_main(params: Params, *, subject: str, generated: Path, prelabels: Path) -> dict:
+def push_main(
+    params: Params,
+    *,
+    subject: str,
+    generated: Path,
+    prelabels: Path,
+    order: Order = "uncertainty",
+    budget: int | None = None,
+) -> dict:
     params.subject(subject)  # an unknown subject is an error naming the known ones
+    check_order_and_budget(order, budget)  # before asking the server anything
     settings = params.annotate
     summary = push(
         client(settings),
@@ -242,6 +305,8 @@ def push_main(params: Params, *, subject: str, generated: Path, prelabels: Path)
         params.classes,
         params.task,
         Path(settings.document_root or "."),
+        order=order,
+        budget=budget,
     )
     log.info(
         "%s: %d images, %d new tasks (project %s)",
@@ -249,6 +314,13 @@ def push_main(params: Params, *, subject: str, generated: Path, prelabels: Path)
         summary["images"],
         summary["added"],
         summary["project"],
+    )
+    log.info(
+        "new tasks in %s order%s; %d new images left out by the budget (%s)",
+        order,
+        " (most uncertain automatic labels first)" if order == "uncertainty" else "",
+        summary["skipped"],
+        "none" if budget is None else f"--budget {budget}",
     )
     return summary
 
