@@ -1,9 +1,10 @@
-"""The resumable image-job runner shared by `class_images`, `generate` and `variations`.
+"""The resumable image-job runner shared by `class_images`, `generate`, `variations`,
+`composite` and `inpaint`.
 
 The output folder is its own resume state: an image is kept when its manifest row matches the
 current request (same model fingerprint, prompt, seed and sampler settings), so a rerun renders
-only what is missing and a killed run loses at most the batch in flight. Each PNG is renamed
-into place when complete and the manifest is rewritten after every batch.
+only the batches with something missing and a killed run loses at most the batch in flight.
+Each PNG is renamed into place when complete and the manifest is rewritten after every batch.
 """
 
 from __future__ import annotations
@@ -113,19 +114,21 @@ def run_jobs(
         write_manifest(out_dir / MANIFEST, columns, [job.row for job in jobs if job.file in kept])
     state.wait_for_everyone()
 
-    # Batches are fixed blocks of the whole request, so a resumed or sharded run renders each
-    # image in the same company as an uninterrupted one: batched kernels can round differently
-    # with a different batch, and identical bytes need identical batches.
-    blocks = [[job for job in block if job.file not in kept] for block in _batches(jobs, batch, batch_key)]
-    blocks = [block for block in blocks if block]
+    # Batches are fixed blocks of the whole request, rendered whole even when some of their
+    # images are kept, so a resumed or sharded run renders each image in the same company as an
+    # uninterrupted one: batched kernels can round differently with a different batch, and
+    # identical bytes need identical batches. Only the missing images are written.
+    blocks = [block for block in _batches(jobs, batch, batch_key) if any(j.file not in kept for j in block)]
     mine = blocks[state.process_index :: state.num_processes]
     done = set(kept)
-    count = sum(len(block) for block in mine)
+    count = sum(job.file not in kept for block in mine for job in block)
     share = f"{count} images"
     if state.num_processes > 1:
         share += f", process {state.process_index} of {state.num_processes}"
     for chunk in progress_bar(mine, f"{description} ({share})", total=len(mine)):
         for job, made in zip(chunk, render(chunk), strict=True):
+            if job.file in kept:
+                continue
             image, extras = made if isinstance(made, tuple) else (made, {})
             for name, data in (job.companions | extras).items():
                 fsio.write_bytes(out_dir / name, data)
