@@ -17,7 +17,7 @@ SCENES = {"2019_YELL_2_541000_4977000_image_crop": 279, "OSBS_029": 61, "SOAP_06
 # The real variant alone: a fold is then seeds, real_dataset, train, evaluate and report, without
 # the diffusion stages (the report's pairing of variants is the report stage's, tested with it).
 FOLD_PARAMS = TINY | {
-    "train": TINY["train"] | {"variants": ["real"], "seeds": [0]},
+    "train": TINY["train"] | {"variants": ["real"], "seeds": [0], "init_from": []},
     "datasets": {"variants": []},
     "evaluate": {"bootstrap": 200},
 }

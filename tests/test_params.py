@@ -164,6 +164,7 @@ def test_profile_is_validated_for_every_sweep_value_before_anything_runs(tmp_pat
 
 def test_a_trained_variant_must_be_built(raw: dict) -> None:
     raw["train"]["variants"] = ["real", "mixed"]
+    raw["train"]["init_from"] = []
     raw["datasets"]["variants"] = ["variations"]
     with pytest.raises(GenfusionError, match=r"train.variants: \['mixed'\] are not built"):
         parse_params(raw)

@@ -18,6 +18,8 @@ TINY = {
     "finetune": {"steps": 2, "num_class_images": 2},
     "generate": {"n": 2, "steps": 2},
     "variations": {"per_image": 1, "steps": 2, "strength": 0.5},
+    "composite": {"per_image": 1},
+    "inpaint": {"per_image": 1, "steps": 2, "strength": 1.0},
     # 2 of the 20 real train tiles: as many synthetic images as generate.n makes.
     "datasets": {"mixed_ratio": 0.1},
     # A labelled set scored by every detector besides the test split (one seed scene, copied in).
@@ -46,10 +48,14 @@ def train_matrix(repo: Path) -> list[tuple[str, int]]:
     return [(variant, seed) for variant in train["variants"] for seed in train["seeds"]]
 
 
+def real_tiles_count(repo: Path) -> int:
+    return json.loads((repo / "data/datasets/real/counts.json").read_text())["train_images"]
+
+
 def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(repo: Path) -> None:
     run(repo, "dvc", "repro")
     matrix = train_matrix(repo)
-    assert {v for v, _ in matrix} == {"real", "synthetic", "mixed", "variations"}
+    assert {v for v, _ in matrix} == {"real", "synthetic", "mixed", "variations", "composite", "inpaint"}
     summary = json.loads((repo / "metrics/summary.json").read_text())
     table = (repo / "reports/summary.md").read_text()
     for variant in {v for v, _ in matrix}:
@@ -86,6 +92,15 @@ def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(repo: Path) -
             sum(e["map50"] for e in extra) / 2
         )
     assert "extra set `soap`" in table
+    # The two-phase row: composite's detector of each seed fine-tuned on the real train split,
+    # scored on the same scenes (the test split and the extra set) beside the variants.
+    for seed in (0, 1):
+        two_phase = json.loads((repo / f"metrics/eval/composite-then-real-{seed}.json").read_text())
+        assert two_phase["variant"] == "composite-then-real"
+        assert two_phase["train_images"] == real_tiles_count(repo)
+        assert (repo / f"metrics/eval/soap/composite-then-real-{seed}.json").is_file()
+    assert list(summary["test"]) == [*dict.fromkeys(v for v, _ in matrix), "composite-then-real"]
+    assert "| composite-then-real | yolov8n | 2 |" in table
     for variant, seed in matrix:  # every detector exported, its ONNX model scoring as it does
         check = json.loads((repo / f"metrics/export/{variant}-{seed}.json").read_text())
         assert check["parity"] and check["map50_difference"] <= check["tolerance"]

@@ -224,6 +224,7 @@ def test_dvc_repro_trains_and_scores_segmentation_models_on_real_and_attention_l
             "train": {
                 "model": "yolov8n-seg.yaml",
                 "variants": ["real", "synthetic"],
+                "init_from": [],
                 "seeds": [0],
                 "epochs": 2,
                 "imgsz": 64,

@@ -259,8 +259,46 @@ def test_training_starts_from_pretrained_weights(workspace: Path, pretrained: Pa
 
 
 @pytest.mark.integration
+def test_two_phase_training_starts_from_the_first_phase_detector(
+    workspace: Path, pretrained: Path, uninterrupted: Path
+) -> None:
+    """`--init` (train_two_phase in dvc.yaml) fine-tunes another detector, here one trained with
+    seed 1, rather than building train.model from scratch."""
+    first = workspace / "models/pretrain-1/weights/best.pt"
+    params = train_params(workspace, "params-two-phase.yaml", epochs=2)
+    train(workspace, "then-real-0", "--params", params.name, "--init", str(first))
+    out = workspace / "models/then-real-0"
+    assert first_epoch_loss(out) < first_epoch_loss(uninterrupted)
+    start = parameters(first)
+    moved = distance(parameters(out / "weights/last.pt"), start)
+    assert moved < 0.1 * distance(parameters(uninterrupted / "weights/last.pt"), start)
+
+
+def test_a_missing_first_phase_detector_is_named(workspace: Path) -> None:
+    missing = "models/composite-0/weights/best.pt"
+    done = subprocess.run(
+        [*train_command(workspace, "orphan-0"), "--init", missing],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert f"--init {missing}: no detector weights there" in done.stderr
+    assert not (workspace / "models/orphan-0").exists()
+
+
+@pytest.mark.integration
 def test_dvc_retrains_when_pretrained_weights_change(tmp_path: Path, pretrained: Path) -> None:
-    tiny = {"variants": ["real"], "seeds": [0], "epochs": 1, "imgsz": 64, "batch": 4, "nbs": 4, "workers": 0}
+    tiny = {
+        "variants": ["real"],
+        "init_from": [],
+        "seeds": [0],
+        "epochs": 1,
+        "imgsz": 64,
+        "batch": 4,
+        "nbs": 4,
+        "workers": 0,
+    }
     repo = project_repo(tmp_path, {"train": tiny | {"model": "models/pretrained/start.pt"}})
     repo_run(repo, "dvc", "pull", "-q", "data/seeds/neon-trees.dvc")
     start = repo / "models/pretrained/start.pt"

@@ -30,6 +30,7 @@ RealOpt = Annotated[Path, typer.Option(help="Real dataset written by `seeds`.")]
 GeneratedOpt = Annotated[Path, typer.Option(help="Generated images, a folder per subject.")]
 PrelabelsOpt = Annotated[Path, typer.Option(help="Automatic labels, a folder per subject.")]
 AnnotationsOpt = Annotated[Path, typer.Option(help="People's labels, a folder per subject.")]
+CompositesOpt = Annotated[Path, typer.Option(help="Copy-paste composites written by `composite`.")]
 
 
 def _debug() -> bool:
@@ -145,7 +146,10 @@ def seeds(
 
 @app.command()
 def datasets(
-    variant: Annotated[str, typer.Argument(help="Dataset variant: real, synthetic, mixed or variations.")],
+    variant: Annotated[
+        str,
+        typer.Argument(help="Dataset variant: real, synthetic, mixed, variations, composite or inpaint."),
+    ],
     out: Annotated[Path, typer.Option(help="Output folder for this variant.")],
     real: RealOpt = Path("data/real"),
     generated: GeneratedOpt = Path("data/generated"),
@@ -154,13 +158,29 @@ def datasets(
     variations: Annotated[Path, typer.Option(help="Variations written by `variations`.")] = Path(
         "data/variations"
     ),
+    composites: CompositesOpt = Path("data/composites"),
+    inpainted: Annotated[
+        Path, typer.Option(help="Images written by `inpaint`, a folder per subject.")
+    ] = Path("data/inpainted"),
+    filtered: Annotated[Path, typer.Option(help="The filter's choices, a folder per set.")] = Path(
+        "data/filtered"
+    ),
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Write the YOLO dataset a detector variant trains on (params: labels, datasets)."""
     from genfusion.layout import Sources
     from genfusion.stages.datasets import main
 
-    sources = Sources(real, generated, prelabels, annotations, variations)
+    sources = Sources(
+        real,
+        generated,
+        prelabels,
+        annotations,
+        variations,
+        composites=composites,
+        inpainted=inpainted,
+        filtered=filtered,
+    )
     counts = main(_params(params_path), variant=variant, sources=sources, out=out)
     logging.getLogger("genfusion").info("datasets@%s: %s", variant, counts)
 
@@ -171,14 +191,24 @@ def train(
     out: Annotated[Path, typer.Option(help="Output folder for the trained detector.")],
     live: Annotated[Path, typer.Option(help="dvclive folder for training curves.")],
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    init: Annotated[
+        Path | None,
+        typer.Option(help="Start from this detector's weights (a two-phase row) instead of train.model."),
+    ] = None,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Train one YOLO detector (params: train.*)."""
     from genfusion.stages.train import main
 
     settings = _params(params_path)
-    check_pretrained_weights(settings.train.model)
-    main(settings, data=data, seed=seed, out=out, live=live)
+    if init is None:
+        check_pretrained_weights(settings.train.model)
+    elif not init.is_file():
+        raise GenfusionError(
+            f"--init {init}: no detector weights there; train the first phase first"
+            " (`dvc repro` trains each train.init_from variant before its two-phase row)"
+        )
+    main(settings, data=data, seed=seed, out=out, live=live, init=init)
 
 
 # The train stages' DVC dependency (dvc.yaml, paths.pretrained), relative to the project folder.
@@ -375,6 +405,73 @@ def variations(
         main(settings, base=base, finetuned=finetuned, real=real, out=out)
 
 
+@app.command()
+def inpaint(
+    subject: Annotated[str, typer.Argument(help="Subject whose generator paints the objects.")],
+    out: Annotated[Path, typer.Option(help="Output folder (images/, labels/, manifest.csv).")],
+    base: BaseOpt = Path("models/base"),
+    finetuned: FinetunedOpt = None,
+    real: RealOpt = Path("data/real"),
+    checkpoints: Annotated[
+        Path, typer.Option(help="Where inpaint.checkpoint and inpaint.controlnet must be (DVC tracks it).")
+    ] = Path("models/checkpoints"),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Objects inpainted into layouts drawn on the real train tiles, labels known by construction
+    (inpaint.*)."""
+    from genfusion.stages.inpaint import main
+
+    settings = _params(params_path)
+    if not _launched(settings):
+        main(
+            settings,
+            subject=subject,
+            base=base,
+            finetuned=finetuned,
+            real=real,
+            out=out,
+            checkpoints=checkpoints,
+        )
+
+
+@app.command("filter")
+def filter_set(
+    name: Annotated[
+        str, typer.Argument(help="The set's name, a key of filter.sets (composite, variations).")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder (manifest.csv, summary.json).")],
+    images: Annotated[Path, typer.Option("--set", help="The set's folder (the value of filter.sets).")],
+    weights: Annotated[Path, typer.Option(help="The real detector's weights.")],
+    real: RealOpt = Path("data/real"),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Score a set whose labels are known by construction and keep its best filter.keep share."""
+    from genfusion.stages.quality_filter import main
+
+    summary = main(_params(params_path), set_dir=images, real=real, weights=weights, out=out)
+    logging.getLogger("genfusion").info(
+        "filter@%s: kept %d of %d images (filter.keep %g)",
+        name,
+        summary["kept"],
+        summary["n"],
+        summary["keep"],
+    )
+
+
+@app.command()
+def composite(
+    out: Annotated[Path, typer.Option(help="Output folder (images/, labels/, manifest.csv).")] = Path(
+        "data/composites"
+    ),
+    real: RealOpt = Path("data/real"),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Copy-paste composites of the real train tiles, labels known by construction (composite.*)."""
+    from genfusion.stages.composite import main
+
+    main(_params(params_path), real=real, out=out)
+
+
 @app.command("class-images")
 def class_images(
     subject: Annotated[str, typer.Argument(help="Subject name (a key of `subjects` in params).")],
@@ -500,12 +597,31 @@ def annotate_push(
     subject: SubjectOpt,
     generated: GeneratedOpt = Path("data/generated"),
     prelabels: PrelabelsOpt = Path("data/prelabels"),
+    order: Annotated[
+        str,
+        typer.Option(
+            metavar="[uncertainty|file]",
+            help="Order of the new tasks: uncertainty (most uncertain automatic labels first,"
+            " where a person's label is worth most) or file (by file name).",
+        ),
+    ] = "uncertainty",
+    budget: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Push only the N first new images in that order (default: all)."),
+    ] = None,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Create or update the subject's project; add a task per new image, automatic labels as predictions."""
     from genfusion.commands.annotate import push_main
 
-    push_main(_params(params_path), subject=subject, generated=generated, prelabels=prelabels)
+    push_main(
+        _params(params_path),
+        subject=subject,
+        generated=generated,
+        prelabels=prelabels,
+        order=order,
+        budget=budget,
+    )
 
 
 @annotate_app.command("pull")
@@ -543,6 +659,7 @@ def inspect_build(
     variations: Annotated[Path, typer.Option(help="Variations written by `variations`.")] = Path(
         "data/variations"
     ),
+    composites: CompositesOpt = Path("data/composites"),
     detectors: Annotated[Path, typer.Option(help="Trained detectors, a folder each.")] = Path(
         "models/detectors"
     ),
@@ -552,7 +669,7 @@ def inspect_build(
     from genfusion.layout import Sources
     from genfusion.stages.inspect import main
 
-    sources = Sources(real, generated, prelabels, annotations, variations, detectors)
+    sources = Sources(real, generated, prelabels, annotations, variations, detectors, composites)
     main(_params(params_path), sources=sources, metrics=metrics, figure=figure)
 
 

@@ -60,6 +60,9 @@ class Sources:
     annotations: Path
     variations: Path
     detectors: Path | None = None  # the inspect stage's: trained detectors, whose predictions it shows
+    composites: Path | None = None  # the composite stage's copy-paste images
+    inpainted: Path | None = None  # the inpaint stage's images, a folder per subject
+    filtered: Path | None = None  # the filter stage's choices, a folder per filtered set
 
 
 def generated_label(sources: Sources, subject: str, stem: str, label_source: str) -> Path | None:

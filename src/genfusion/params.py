@@ -71,11 +71,35 @@ class SeedsParams(Section):
         return self
 
 
-Variant = Literal["real", "synthetic", "mixed", "variations"]
+Variant = Literal[
+    "real",
+    "synthetic",
+    "mixed",
+    "variations",
+    "composite",
+    "inpaint",
+    # A set of filter.sets with only the images the filter keeps.
+    "composite-filtered",
+    "variations-filtered",
+]
+
+
+def two_phase(first: str) -> str:
+    """The name of the detector trained on `first`, then fine-tuned on the real train split (its
+    folder is `<name>-<seed>`, as every detector's)."""
+    return f"{first}-then-real"
 
 
 class TrainParams(Section):
-    variants: list[Variant] = ["real", "synthetic", "mixed", "variations"]
+    variants: list[Variant] = [
+        "real",
+        "synthetic",
+        "mixed",
+        "variations",
+        "composite",
+        "inpaint",
+        "composite-filtered",
+    ]
     seeds: list[int] = [0, 1, 2]
     model: str = "yolov8n.yaml"
     imgsz: PositiveInt = 256
@@ -101,6 +125,23 @@ class TrainParams(Section):
     hsv_h: Fraction = 0.015
     hsv_s: Fraction = 0.7
     hsv_v: Fraction = 0.4
+    # Two-phase rows: each of these variants' detectors fine-tuned on the real train split.
+    init_from: list[Variant] = ["composite"]
+
+    @property
+    def rows(self) -> list[str]:
+        """The report's rows: every variant, then every two-phase detector."""
+        return [*self.variants, *(two_phase(first) for first in self.init_from)]
+
+    @model_validator(mode="after")
+    def _first_phase_trained(self) -> TrainParams:
+        wrong = [v for v in self.init_from if v == "real" or v not in self.variants]
+        if wrong or len(set(self.init_from)) != len(self.init_from):
+            raise ValueError(
+                f"init_from: {self.init_from} must name variants of train.variants {self.variants},"
+                " each once and not real: their detectors are the first phase, fine-tuned on real"
+            )
+        return self
 
     @field_validator("imgsz")
     @classmethod
@@ -126,7 +167,24 @@ class LabelsParams(Section):
 class DatasetsParams(Section):
     # The variants built from synthetic data. `real` is built by its own stage, because the
     # real detector labels the generated images the synthetic variants train on.
-    variants: list[Literal["synthetic", "mixed", "variations"]] = ["synthetic", "mixed", "variations"]
+    variants: list[
+        Literal[
+            "synthetic",
+            "mixed",
+            "variations",
+            "composite",
+            "inpaint",
+            "composite-filtered",
+            "variations-filtered",
+        ]
+    ] = [
+        "synthetic",
+        "mixed",
+        "variations",
+        "composite",
+        "inpaint",
+        "composite-filtered",
+    ]
     mixed_ratio: Annotated[float, Field(ge=0)] = 1.0
 
 
@@ -233,6 +291,89 @@ class VariationsParams(Section):
                 f" got {self.steps} x {self.strength}"
             )
         return self
+
+
+class CompositeParams(Section):
+    per_image: NonNegativeInt = 4
+    density: Annotated[float, Field(gt=0)] = 0.5
+    scale: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.8, 1.25)
+    rotate: bool = True
+    flip: bool = True
+    colour_jitter: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    blend: Literal["gaussian", "poisson"] = "gaussian"
+    feather: Annotated[float, Field(ge=0)] = 1.5
+    max_occlusion: Fraction = 0.5
+    min_size: PositiveInt = 8
+    batch: PositiveInt = 16
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _scale_is_a_range(self) -> CompositeParams:
+        if self.scale[0] > self.scale[1]:
+            raise ValueError(f"scale is [min, max], got {list(self.scale)}")
+        return self
+
+
+class InpaintParams(Section):
+    # (int) inpainted images per real train tile, each on that tile, its own objects kept.
+    per_image: NonNegativeInt = 4
+    # (float > 0) layout boxes per image: this times the box count of a real train tile drawn at
+    # random (at least 1); the layout is drawn as composite's placements are.
+    density: Annotated[float, Field(gt=0)] = 0.5
+    # ([min, max]) each layout box is a real box's size times a factor drawn from this range.
+    scale: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.8, 1.25)
+    # (bool) swap a layout box's width and height at random (composite's quarter turns).
+    rotate: bool = True
+    # (int px) layout boxes take their sizes from the real boxes at least this wide and high.
+    min_size: PositiveInt = 8
+    # (int px) the repainted area is each layout box grown by this on every side, so an
+    # object's edge blends in; only pixels inside it change.
+    mask_grow: NonNegativeInt = 2
+    # (float 0-1) an object of the tile more than this share of whose box the repainted area
+    # covers (or a layout box that much covered by later ones) is removed from the labels; a
+    # partly covered box shrinks to its uncovered part.
+    max_occlusion: Fraction = 0.5
+    # (float 0-1) how much of the repainted area is noised: 1 paints it from pure noise, lower
+    # keeps more of what was there.
+    strength: Annotated[float, Field(gt=0, le=1)] = 0.9
+    # (float) classifier-free guidance scale.
+    guidance: Annotated[float, Field(ge=0)] = 2.0
+    # (int) sampling steps (inpainting runs steps x strength of them).
+    steps: PositiveInt = 20
+    # (str) prompt template; {instance_prompt}, {class_prompt} and {subject} are filled in.
+    prompt: Prompt = "{instance_prompt}"
+    # (ddim | ddpm | pndm | euler | euler_ancestral | dpmsolver++ | unipc) sampler.
+    scheduler: SchedulerName = "ddim"
+    # (str or null) a dedicated inpainting checkpoint (a local save_pretrained folder, e.g.
+    # stable-diffusion-inpainting, whose UNet also reads the mask); null: the subject's generator
+    # inpaints by blending latents. A LoRA fine-tune of the subject is applied to it.
+    checkpoint: str | None = None
+    # (str or null) a local ControlNetModel folder conditioned on the layout (boxes white on
+    # black); null: no ControlNet.
+    controlnet: str | None = None
+    # (float) weight of the ControlNet's guidance.
+    controlnet_scale: Annotated[float, Field(ge=0)] = 1.0
+    # (int) images per batch (the manifest is saved after each).
+    batch: PositiveInt = 4
+    # (int) seed of the first image (layout and noise).
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InpaintParams:
+        if self.scale[0] > self.scale[1]:
+            raise ValueError(f"scale is [min, max], got {list(self.scale)}")
+        if int(self.steps * self.strength) < 1:
+            raise ValueError(
+                f"steps x strength must be at least 1 (inpainting runs int(steps * strength) steps),"
+                f" got {self.steps} x {self.strength}"
+            )
+        return self
+
+
+class FilterParams(Section):
+    sets: dict[Literal["composite", "variations"], str] = {"composite": "data/composites"}
+    keep: Annotated[float, Field(gt=0, le=1)] = 0.75
+    clip: str | None = None
 
 
 class FinetuneParams(Section):
@@ -343,6 +484,9 @@ class Params(Section):
     diffusion: DiffusionParams = DiffusionParams()
     generate: GenerateParams = GenerateParams()
     variations: VariationsParams = VariationsParams()
+    composite: CompositeParams = CompositeParams()
+    inpaint: InpaintParams = InpaintParams()
+    filter: FilterParams = FilterParams()
     finetune: FinetuneParams = FinetuneParams()
     subjects: dict[str, SubjectParams] = {}
     prelabel: PrelabelParams = PrelabelParams()
@@ -367,6 +511,15 @@ class Params(Section):
                 f"task is {self.task} but train.model {self.train.model!r} is a"
                 f" {'segmentation' if segmentation_model else 'detection'} model; pair task: segment"
                 " with a -seg model (yolov8n-seg.yaml) and task: detect with a detector (yolov8n.yaml)"
+            )
+        unfiltered = [
+            v
+            for v in self.datasets.variants
+            if v.endswith("-filtered") and v.removesuffix("-filtered") not in self.filter.sets
+        ]
+        if unfiltered:
+            raise ValueError(
+                f"datasets.variants: {unfiltered} need their sets in filter.sets {list(self.filter.sets)}"
             )
         unbuilt = [v for v in self.train.variants if v != "real" and v not in self.datasets.variants]
         if unbuilt:

@@ -110,7 +110,7 @@ def pooled(
             box | {"id": len(truth["annotations"]) + i, "image_id": box["image_id"] + offset}
             for i, box in enumerate(fold_truth["annotations"], start=1)
         ]
-        for variant in fold.params.train.variants:
+        for variant in fold.params.train.rows:
             for seed in fold.params.train.seeds:
                 path = predictions / "test" / f"{variant}-{seed}.json"
                 found = json.loads(dvc.api.read(str(path), rev=fold.rev))
@@ -122,7 +122,7 @@ def pooled(
 
 def fold_table(folds: Sequence[Fold]) -> str:
     """Each fold's AP50 per variant (mean over seeds, with its interval, and the paired difference)."""
-    variants = list(folds[0].params.train.variants)
+    variants = folds[0].params.train.rows
     lines = ["| held-out scene | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     for fold in folds:
         cells = []

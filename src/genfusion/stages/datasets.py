@@ -5,6 +5,10 @@ Variants (the rows of the report):
 - `synthetic`: every subject's generated images, labelled as `labels.source` says.
 - `mixed`: the real train split plus `datasets.mixed_ratio` synthetic images per real image.
 - `variations`: the real train split plus the img2img variations of its tiles.
+- `composite`: the real train split plus the copy-paste composites of its tiles.
+- `inpaint`: the real train split plus every subject's layout-inpainted images of its tiles.
+- `<set>-filtered` (composite-filtered, variations-filtered): the real train split plus the
+  images of that set the `filter@<set>` stage keeps.
 
 Training images are relative symbolic links, never copies, so DVC stores each image once.
 Label files (a few bytes each) are copied beside the links: YOLO finds an image's labels by
@@ -15,6 +19,7 @@ apart from their images. Validation and test are always the real val and test sp
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from collections.abc import Iterable, Sequence
@@ -28,7 +33,16 @@ from genfusion.errors import GenfusionError
 from genfusion.layout import Sources
 from genfusion.params import Params
 
-VARIANTS = ("real", "synthetic", "mixed", "variations")
+VARIANTS = (
+    "real",
+    "synthetic",
+    "mixed",
+    "variations",
+    "composite",
+    "inpaint",
+    "composite-filtered",
+    "variations-filtered",
+)
 
 
 @dataclass(frozen=True)
@@ -85,15 +99,30 @@ def interleave(lists: Sequence[Sequence[Path]]) -> list[Path]:
     return [items[i] for i in range(longest) for items in lists if i < len(items)]
 
 
-def variation_train(variations: Path) -> list[TrainImage]:
-    """The variations listed in the stage's manifest (the current request, in file order)."""
-    manifest = variations / layout.MANIFEST
+def manifest_train(folder: Path, stage: str) -> list[TrainImage]:
+    """The images listed in the manifest of `stage`'s folder (its current request, in file order)."""
+    manifest = folder / layout.MANIFEST
     if not manifest.is_file():
-        raise GenfusionError(f"{manifest}: missing; run `dvc repro variations`")
+        raise GenfusionError(f"{manifest}: missing; run `dvc repro {stage}`")
     with manifest.open(newline="") as f:
         rows = list(csv.DictReader(f))
     return [
-        TrainImage(variations / row["file"], variations / row["label"], synthetic=True)
+        TrainImage(folder / row["file"], folder / row["label"], synthetic=True)
+        for row in sorted(rows, key=lambda row: row["file"])
+    ]
+
+
+def kept_train(choices: Path) -> list[TrainImage]:
+    """The images the filter stage kept of a set (its manifest lists them, in rank order, with
+    paths relative to the set folder its summary names)."""
+    manifest, summary = choices / layout.MANIFEST, choices / "summary.json"
+    if not manifest.is_file() or not summary.is_file():
+        raise GenfusionError(f"{choices}: no filter choices; run `dvc repro filter@{choices.name}`")
+    folder = Path(json.loads(summary.read_text())["set"])
+    with manifest.open(newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row["kept"] == "true"]
+    return [
+        TrainImage(folder / row["file"], folder / row["label"], synthetic=True)
         for row in sorted(rows, key=lambda row: row["file"])
     ]
 
@@ -104,15 +133,22 @@ def select_train(
     """(the variant's train images, generated images left out for want of a label)."""
     if variant == "real":
         return real_train(sources.real), 0
-    if variant == "variations":
-        return real_train(sources.real) + variation_train(sources.variations), 0
     if variant not in VARIANTS:
         raise GenfusionError(f"datasets: unknown variant {variant!r}; known: {list(VARIANTS)}")
+    if variant == "variations":
+        return real_train(sources.real) + manifest_train(sources.variations, variant), 0
+    if variant == "composite":
+        return real_train(sources.real) + manifest_train(sources.composites, variant), 0
+    if variant.endswith("-filtered"):
+        return real_train(sources.real) + kept_train(sources.filtered / variant.removesuffix("-filtered")), 0
     if generated is None:
         raise ValueError(f"the {variant} variant needs a GeneratedChoice")
     subjects, label_source, mixed_ratio = generated.subjects, generated.label_source, generated.mixed_ratio
     if not subjects:
         raise GenfusionError(f"datasets@{variant}: params.yaml defines no subjects to generate images of")
+    if variant == "inpaint":
+        painted = [manifest_train(sources.inpainted / s, f"inpaint@{s}") for s in subjects]
+        return real_train(sources.real) + [item for items in painted for item in items], 0
     labelled, unlabelled = synthetic_train(sources, subjects, label_source)
     missing = (
         f"{len(unlabelled)} generated images have no label from labels.source={label_source!r};"
@@ -210,9 +246,10 @@ def build_dataset(
 
 
 def main(params: Params, *, variant: str, sources: Sources, out: Path) -> dict:
-    # The real and variations datasets take no generated image, so they read none of the params
-    # that choose them: the real detector (which labels the generated images) must not depend on them.
+    # The real, variations and composite datasets take no generated image, so they read none of
+    # the params that choose them: the real detector (which labels the generated images) must not
+    # depend on them.
     generated = None
-    if variant not in ("real", "variations"):
+    if variant not in ("real", "variations", "composite") and not variant.endswith("-filtered"):
         generated = GeneratedChoice(list(params.subjects), params.labels.source, params.datasets.mixed_ratio)
     return build_dataset(variant, sources, out, generated, params.task)

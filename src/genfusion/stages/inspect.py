@@ -41,14 +41,14 @@ class Item:
     """One image the stage looks at, with what FiftyOne shows of it."""
 
     path: Path
-    source: str  # real | generated | variation
-    set: str  # real/<split>, generated/<subject>, variations
+    source: str  # real | generated | variation | composite
+    set: str  # real/<split>, generated/<subject>, variations, composites
     split: str | None = None
     subject: str | None = None
     scene: str | None = None
     prompt: str | None = None
     seed: int | None = None
-    truth: list[Box] | None = None  # real labels, or a variation's carried labels
+    truth: list[Box] | None = None  # real labels, a variation's carried labels, a composite's own
     auto: list[Box] | None = None  # the prelabel stage's
     people: list[Box] | None = None  # from Label Studio
     stats: distribution.ImageStats | None = None
@@ -120,24 +120,21 @@ def collect(
                     labels=read[chosen] if chosen else [],
                 )
             )
-    variations = layout.image_files(sources.variations)
-    if not variations:
-        missing.append("variations: no images yet (`dvc repro variations`)")
-    rows = rows_by_name(sources.variations / layout.MANIFEST)
-    for path in variations:
-        label = layout.label_file(sources.variations, path.stem)
-        source = rows.get(path.name, {}).get("source")
-        truth = read_boxes(label, names, read_header(path).size) or []
-        items.append(
-            Item(
-                path,
-                "variation",
-                "variations",
-                scene=Path(source).stem if source else None,
-                truth=truth,
-                labels=truth,
-            )
-        )
+    # The sets made from the real train tiles, labels carried over or known by construction:
+    # (folder, source, set, stage, manifest column naming the tile each image comes from).
+    derived = [(sources.variations, "variation", "variations", "variations", "source_image")]
+    if sources.composites is not None:
+        derived.append((sources.composites, "composite", "composites", "composite", "background"))
+    for folder, source, name, stage, origin in derived:
+        images = layout.image_files(folder)
+        if not images:
+            missing.append(f"{name}: no images yet (`dvc repro {stage}`)")
+        rows = rows_by_name(folder / layout.MANIFEST)
+        for path in images:
+            # The scene of the real tile it was made from.
+            scene = scenes.get(Path(rows.get(path.name, {}).get(origin, "")).name, {}).get("scene")
+            truth = read_boxes(layout.label_file(folder, path.stem), names, read_header(path).size) or []
+            items.append(Item(path, source, name, scene=scene, truth=truth, labels=truth))
     return items, missing
 
 
@@ -203,9 +200,10 @@ def distribution_metrics(items: Sequence[Item], missing: Sequence[str], settings
             "boxes_per_image_distance": distribution.values_distance([len(i.labels) for i in train], counts),
             "box_size_distance": distribution.values_distance(box_sizes(train), box_sizes(members)),
             "kid": distribution.kid(reference, np.stack([i.embedding for i in members])),
-            # Variations are img2img of the train tiles: near-copies of them by design.
+            # Variations (img2img) and composites (pasted onto them) are made from the train
+            # tiles: near-copies of them by design.
             "memorisation": None
-            if name == "variations"
+            if name in ("variations", "composites")
             else flag_copies(members, train, "train", settings.memorisation_threshold),
             "leakage": flag_copies(members, test, "test", settings.leakage_threshold),
         }

@@ -337,7 +337,7 @@ def score_set(
 ) -> tuple[dict, tuple[str, str, str], dict[str, list[dict]]]:
     """One test set's summary with intervals, its report section, and each variant's detections
     of its first seed."""
-    variants, seeds = params.train.variants, params.train.seeds
+    variants, seeds = params.train.rows, params.train.seeds
     records = load_evaluations(eval_dir, variants, seeds, test_set)
     scene_set = read_scene_set(scenes / test_set)
     detections = {
@@ -363,7 +363,7 @@ def main(
     markdown: Path,
     figures: Path,
 ) -> None:
-    variants, seeds = params.train.variants, params.train.seeds
+    variants, seeds = params.train.rows, params.train.seeds
     tables, sections = {}, []
     for test_set in [TEST_SET, *params.evaluate.extra_sets]:
         table, section, found = score_set(test_set, scenes, eval_dir, predictions, params)

@@ -28,7 +28,7 @@ from genfusion.params import Params, TrainParams
 log = logging.getLogger(__name__)
 
 # TrainParams fields that are not Ultralytics train() arguments.
-NOT_YOLO_ARGS = ("variants", "seeds", "model", "same_steps")
+NOT_YOLO_ARGS = ("variants", "seeds", "model", "same_steps", "init_from")
 
 
 def variant_epochs(params: TrainParams, counts: dict) -> int:
@@ -193,11 +193,15 @@ class DvcLiveLogger:
         self.live.next_step()
 
 
-def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainParams, seed: int) -> Path:
-    """Train and return the path of the best weights inside `out`."""
+def train_detector(
+    data_yaml: Path, out: Path, live_out: Path, params: TrainParams, seed: int, init: Path | None = None
+) -> Path:
+    """Train and return the path of the best weights inside `out`; from the weights `init` (another
+    detector's, for a two-phase row) instead of `train.model` when given."""
     args = train_args(params, seed, json.loads((data_yaml.parent / "counts.json").read_text()))
     scratch = out.with_name(f".{out.name}.partial").resolve()
-    fingerprint = request_fingerprint(data_yaml, params.model, args)
+    start = params.model if init is None else str(init)
+    fingerprint = request_fingerprint(data_yaml, start, args)
     request_file = scratch / "request.sha256"
     last = scratch / "weights" / "last.pt"
     same_request = request_file.exists() and request_file.read_text() == fingerprint
@@ -219,7 +223,7 @@ def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainPara
     if resume:
         logger.catch_up(scratch / "results.csv", last_epoch)
     exact_resume = ExactResume(scratch / "resume-state", last_epoch)
-    model = load_yolo(last if resume else params.model)
+    model = load_yolo(last if resume else start)
     logger.attach(model)
     exact_resume.attach(model)
     data = str(data_yaml.resolve())
@@ -248,5 +252,5 @@ def train_detector(data_yaml: Path, out: Path, live_out: Path, params: TrainPara
     return best
 
 
-def main(params: Params, *, data: Path, seed: int, out: Path, live: Path) -> None:
-    train_detector(data / layout.DATASET_YAML, out, live, params.train, seed)
+def main(params: Params, *, data: Path, seed: int, out: Path, live: Path, init: Path | None = None) -> None:
+    train_detector(data / layout.DATASET_YAML, out, live, params.train, seed, init)
