@@ -12,6 +12,8 @@ both with Gaussian and with Poisson blending, best of `--repeats` rounds, images
 the ratio ours / bare (>= 0.95 is the goal; >= 50 images/s with Gaussian blending on 2 cores).
 Then the cost per pasted object at density 0.5, 1, 2 and 4, which stays flat when the cost
 grows linearly with the objects (occlusion is settled in one pass over each object's box).
+Last, the `inpaint` stage against a bare diffusers inpainting loop (`bench_inpaint.py`, whose
+options `--inpaint-images` and `--inpaint-steps` are passed on; 0 images skips it).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def main() -> None:
     )
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--inpaint-images", type=int, default=8)
+    parser.add_argument("--inpaint-steps", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(1)  # nothing here uses torch; accelerate's state imports it
 
@@ -114,6 +118,12 @@ def main() -> None:
             f"| {density:7.1f} | {objects / len(plans):21.1f} | {seconds * 1000 / len(plans):16.2f}"
             f" | {seconds * 1000 / objects:13.3f} |"
         )
+
+    if args.inpaint_images:
+        from bench_inpaint import inpaint_rates  # beside this file
+
+        print("\ninpaint: the stage against a bare diffusers inpainting loop")
+        inpaint_rates(images=args.inpaint_images, steps=args.inpaint_steps, rounds=args.repeats)
 
 
 if __name__ == "__main__":

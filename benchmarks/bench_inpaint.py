@@ -3,8 +3,8 @@
 Run from the project root after `dvc repro` (needs models/base and data/real):
     .venv/bin/python benchmarks/bench_inpaint.py [--images 8] [--batch 4] [--steps 4] [--rounds 3]
 It inpaints `--images` images, one on each of the first real train tiles, with the default run's
-generator (models/base) at diffusion.resolution, the `inpaint` params (those of params.yaml once
-it has the section, else the defaults) with `--batch` and `--steps`:
+generator (models/base) at diffusion.resolution, the `inpaint` params of params.yaml with `--batch`
+and `--steps`:
 - ours: `make_inpaintings` into a fresh folder (layouts drawn, masks, the pipeline built on the
   generator's components, paste inside the mask, labels, manifest, atomic PNG and label writes,
   resume checks, progress bar);
@@ -121,15 +121,14 @@ def inpaint_rates(
     import torch
 
     from genfusion.diffusion.pipelines import load_generator, render_prompt
-    from genfusion.params import InpaintParams, load_params
+    from genfusion.params import load_params
     from genfusion.stages.composite import load_tiles
 
     if threads:
         torch.set_num_threads(threads)
     params = load_params(ROOT / "params.yaml")
     diffusion, names, task = params.diffusion, params.classes, params.task
-    settings = getattr(params, "inpaint", None) or InpaintParams()
-    settings = settings.model_copy(update={"per_image": 1, "batch": batch, "steps": steps})
+    settings = params.inpaint.model_copy(update={"per_image": 1, "batch": batch, "steps": steps})
     prompt = render_prompt(
         settings.prompt,
         "inpaint.prompt",

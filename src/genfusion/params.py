@@ -293,75 +293,47 @@ class VariationsParams(Section):
         return self
 
 
-class CompositeParams(Section):
+class LayoutParams(Section):
+    """What composite and inpaint share: how many objects go on each real train tile, where, at
+    what size, and which labels the later ones hide."""
+
     per_image: NonNegativeInt = 4
     density: Annotated[float, Field(gt=0)] = 0.5
     scale: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.8, 1.25)
     rotate: bool = True
-    flip: bool = True
-    colour_jitter: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    blend: Literal["gaussian", "poisson"] = "gaussian"
-    feather: Annotated[float, Field(ge=0)] = 1.5
     max_occlusion: Fraction = 0.5
     min_size: PositiveInt = 8
-    batch: PositiveInt = 16
     seed: int = 0
 
     @model_validator(mode="after")
-    def _scale_is_a_range(self) -> CompositeParams:
+    def _scale_is_a_range(self) -> LayoutParams:
         if self.scale[0] > self.scale[1]:
             raise ValueError(f"scale is [min, max], got {list(self.scale)}")
         return self
 
 
-class InpaintParams(Section):
-    # (int) inpainted images per real train tile, each on that tile, its own objects kept.
-    per_image: NonNegativeInt = 4
-    # (float > 0) layout boxes per image: this times the box count of a real train tile drawn at
-    # random (at least 1); the layout is drawn as composite's placements are.
-    density: Annotated[float, Field(gt=0)] = 0.5
-    # ([min, max]) each layout box is a real box's size times a factor drawn from this range.
-    scale: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.8, 1.25)
-    # (bool) swap a layout box's width and height at random (composite's quarter turns).
-    rotate: bool = True
-    # (int px) layout boxes take their sizes from the real boxes at least this wide and high.
-    min_size: PositiveInt = 8
-    # (int px) the repainted area is each layout box grown by this on every side, so an
-    # object's edge blends in; only pixels inside it change.
+class CompositeParams(LayoutParams):
+    flip: bool = True
+    colour_jitter: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    blend: Literal["gaussian", "poisson"] = "gaussian"
+    feather: Annotated[float, Field(ge=0)] = 1.5
+    batch: PositiveInt = 16
+
+
+class InpaintParams(LayoutParams):
     mask_grow: NonNegativeInt = 2
-    # (float 0-1) an object of the tile more than this share of whose box the repainted area
-    # covers (or a layout box that much covered by later ones) is removed from the labels; a
-    # partly covered box shrinks to its uncovered part.
-    max_occlusion: Fraction = 0.5
-    # (float 0-1) how much of the repainted area is noised: 1 paints it from pure noise, lower
-    # keeps more of what was there.
     strength: Annotated[float, Field(gt=0, le=1)] = 0.9
-    # (float) classifier-free guidance scale.
     guidance: Annotated[float, Field(ge=0)] = 2.0
-    # (int) sampling steps (inpainting runs steps x strength of them).
     steps: PositiveInt = 20
-    # (str) prompt template; {instance_prompt}, {class_prompt} and {subject} are filled in.
     prompt: Prompt = "{instance_prompt}"
-    # (ddim | ddpm | pndm | euler | euler_ancestral | dpmsolver++ | unipc) sampler.
     scheduler: SchedulerName = "ddim"
-    # (str or null) a dedicated inpainting checkpoint (a local save_pretrained folder, e.g.
-    # stable-diffusion-inpainting, whose UNet also reads the mask); null: the subject's generator
-    # inpaints by blending latents. A LoRA fine-tune of the subject is applied to it.
     checkpoint: str | None = None
-    # (str or null) a local ControlNetModel folder conditioned on the layout (boxes white on
-    # black); null: no ControlNet.
     controlnet: str | None = None
-    # (float) weight of the ControlNet's guidance.
     controlnet_scale: Annotated[float, Field(ge=0)] = 1.0
-    # (int) images per batch (the manifest is saved after each).
     batch: PositiveInt = 4
-    # (int) seed of the first image (layout and noise).
-    seed: int = 0
 
     @model_validator(mode="after")
-    def _consistent(self) -> InpaintParams:
-        if self.scale[0] > self.scale[1]:
-            raise ValueError(f"scale is [min, max], got {list(self.scale)}")
+    def _runs_a_step(self) -> InpaintParams:
         if int(self.steps * self.strength) < 1:
             raise ValueError(
                 f"steps x strength must be at least 1 (inpainting runs int(steps * strength) steps),"

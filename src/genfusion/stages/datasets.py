@@ -25,24 +25,16 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import yaml
 
 from genfusion import fsio, layout
 from genfusion.errors import GenfusionError
 from genfusion.layout import Sources
-from genfusion.params import Params
+from genfusion.params import Params, Variant
 
-VARIANTS = (
-    "real",
-    "synthetic",
-    "mixed",
-    "variations",
-    "composite",
-    "inpaint",
-    "composite-filtered",
-    "variations-filtered",
-)
+VARIANTS = get_args(Variant)
 
 
 @dataclass(frozen=True)
