@@ -26,6 +26,11 @@ the model and one table, whose rows are:
 - generation: images per second of the project's `text_to_image` (manifest, atomic PNG writes)
   against bare `StableDiffusionPipeline.__call__` calls saving PNGs, same model, scheduler,
   steps, guidance, batch and images; median of alternating rounds after a warm-up; ratio as above.
+- inpainting: images per second of the `inpaint` stage's `make_inpaintings` (layouts, masks,
+  paste inside the mask, labels, manifest, atomic writes) against bench_inpaint.py's bare
+  `StableDiffusionInpaintPipeline` loop doing the same work, on random tiles of the generation
+  size with 8 random boxes each, the UNet blending latents (4 input channels); median of
+  alternating rounds after a warm-up; ratio as above (>= 0.95 is the issue's goal).
 - UNet forward: the UNet's achieved TFLOP/s (FLOPs of one forward counted with
   `torch.utils.flop_counter.FlopCounterMode`, times forwards per second) at the generation
   batch doubled by classifier-free guidance, and its share of the device's peak dense fp16
@@ -404,6 +409,59 @@ def bare_generate(pipe, s: Settings, n: int, out: Path) -> None:
             image.save(out / f"{i:05d}.png")
 
 
+def bench_inpainting(s: Settings, checkpoint: Path, tmp: Path) -> dict:
+    """Images per second of the inpaint stage's `make_inpaintings` and of a bare
+    `StableDiffusionInpaintPipeline` loop doing the same work (bench_inpaint.py's two loops), on
+    `gen_images` random tiles of `resolution` px with 8 random boxes each, median of alternating
+    rounds after a warm-up."""
+    import numpy as np
+    from bench_inpaint import bare, ours  # beside this file
+
+    from genfusion.boxes import Box
+    from genfusion.diffusion.pipelines import load_pipeline
+    from genfusion.params import InpaintParams
+    from genfusion.stages.composite import Tile
+
+    pipe = load_pipeline(str(checkpoint), dtype=s.dtype, device=s.device)
+    rng = np.random.default_rng(s.seed)
+    side, tiles = s.resolution, []
+    for k in range(s.gen_images):
+        boxes = []
+        for _ in range(8):
+            w, h = (int(v) for v in rng.integers(side // 16, side // 6, 2))
+            x, y = int(rng.integers(0, side - w)), int(rng.integers(0, side - h))
+            boxes.append(Box("tree", x, y, x + w, y + h))
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        tiles.append(Tile(f"tile{k:03d}", tmp / f"tile{k:03d}.png", pixels, tuple(boxes), f"{k:064x}"))
+    settings = InpaintParams(
+        per_image=1, batch=s.gen_batch, steps=s.gen_steps, guidance=s.guidance, min_size=2
+    )
+    loops = {"ours": ours, "bare": bare}
+    timings: dict[str, list[float]] = {"ours": [], "bare": []}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "invalid value encountered in cast", RuntimeWarning)
+        for name, loop in loops.items():
+            loop(
+                pipe,
+                tiles[: s.gen_batch],
+                settings,
+                ["tree"],
+                "detect",
+                PROMPT,
+                s.resolution,
+                tmp / f"warm-{name}",
+            )
+        for r in range(s.repeats):
+            for name in ("ours", "bare") if r % 2 == 0 else ("bare", "ours"):
+                sync(s.device)
+                seconds = loops[name](
+                    pipe, tiles, settings, ["tree"], "detect", PROMPT, s.resolution, tmp / f"{name}{r}"
+                )
+                sync(s.device)
+                timings[name].append(seconds)
+    return {name: s.gen_images / statistics.median(times) for name, times in timings.items()}
+
+
 def bench_generation_and_flops(s: Settings, checkpoint: Path, tmp: Path) -> dict:
     import torch
     from diffusers import DDIMScheduler
@@ -641,6 +699,11 @@ def main() -> None:
         phases["generation + UNet"] = time.perf_counter() - start
         seed_everything(s.seed)
         start = time.perf_counter()
+        paint = bench_inpainting(s, checkpoint, tmp / "inpaint")
+        free(s.device)
+        phases["inpainting"] = time.perf_counter() - start
+        seed_everything(s.seed)
+        start = time.perf_counter()
         yolo = bench_yolo(s, tmp / "yolo")
         phases["YOLO"] = time.perf_counter() - start
 
@@ -663,6 +726,13 @@ def main() -> None:
             f"{gen['bare']:.2f} images/s",
             f"{gen['ours'] / gen['bare']:.2f}",
             f"{s.gen_images} images, guidance {s.guidance}, median of {s.repeats} rounds",
+        ),
+        (
+            f"inpainting, {s.resolution} px, {s.dtype}, {s.gen_steps} DDIM steps x 0.9, batch {s.gen_batch}",
+            f"{paint['ours']:.2f} images/s",
+            f"{paint['bare']:.2f} images/s",
+            f"{paint['ours'] / paint['bare']:.2f}",
+            f"{s.gen_images} tiles, 8 boxes each, median of {s.repeats} rounds",
         ),
         (
             f"UNet forward, {s.resolution} px, {s.dtype}, batch 2 x {s.gen_batch}",
