@@ -99,6 +99,21 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
             root / f"data/real/labels/train/{tile.stem}.txt",
             root / f"data/variations/labels/{tile.stem}_v0.txt",
         )
+    # Two composites, and the quality filter's verdict on them: one kept, one dropped.
+    composites = root / "data/composites"
+    (composites / "images").mkdir(parents=True)
+    (composites / "labels").mkdir(parents=True)
+    verdicts = ["file,label,agreement,realism,clip,score,rank,kept"]
+    for rank, (tile, kept) in enumerate(zip(train[2:4], ("true", "false"), strict=True), 1):
+        shutil.copy(tile, composites / f"images/{tile.stem}_c0.png")
+        shutil.copy(
+            root / f"data/real/labels/train/{tile.stem}.txt", composites / f"labels/{tile.stem}_c0.txt"
+        )
+        verdicts.append(
+            f"images/{tile.stem}_c0.png,labels/{tile.stem}_c0.txt,0.5,-0.1,,{1 / rank},{rank},{kept}"
+        )
+    (root / "data/filtered/composite").mkdir(parents=True)
+    (root / "data/filtered/composite/manifest.csv").write_text("\n".join(verdicts) + "\n")
     return root
 
 
@@ -116,7 +131,8 @@ def fiftyone_summary(root: Path) -> dict:
         "d = fo.load_dataset('genfusion-test');"
         "print(json.dumps({'count': d.count_values('source'), 'tags': d.count_sample_tags(),"
         " 'fields': sorted(d.get_field_schema()), 'files': sorted(d.values('filepath')),"
-        " 'views': d.list_saved_views(), 'brain': d.list_brain_runs()}))"
+        " 'views': d.list_saved_views(), 'brain': d.list_brain_runs(),"
+        " 'kept': d.count_values('filter_kept')}))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(root / "fiftyone-db")], capture_output=True, text=True
@@ -141,20 +157,29 @@ def test_inspect_builds_metrics_and_a_fiftyone_dataset_without_duplicates(projec
     assert (project / "reports/distribution.png").stat().st_size > 10_000
 
     summary = fiftyone_summary(project)
-    assert summary["count"] == {"real": 8, "generated": 6, "variation": 2}
+    assert summary["count"] == {"real": 8, "generated": 6, "variation": 2, "composite": 2}
     assert summary["tags"] == {"memorised": 1, "leaked": 1}
     expected = {"source", "subject", "split", "scene", "prompt", "seed", "ground_truth", "auto_labels"}
     assert expected | {"people_labels", "embedding", "uniqueness", "copy_of_train", "copy_of_test"} <= set(
         summary["fields"]
     )
-    assert {"real-vs-synthetic", "most-unique-synthetic", "suspected-copies"} <= set(summary["views"])
+    views = {
+        "real-vs-synthetic",
+        "most-unique-synthetic",
+        "suspected-copies",
+        "filter-dropped",
+        "filter-kept",
+    }
+    assert views <= set(summary["views"])
+    # The filter's verdicts on the composites: one kept, one dropped, the rest (not filtered) none.
+    assert summary["kept"] == {"true": 1, "false": 1, "null": 16}
     assert {"genfusion_pca", "genfusion_similarity"} <= set(summary["brain"])
 
     # Again: the same metrics, no duplicate samples. Then an image disappears: so does its sample.
     first = (project / "metrics/distribution.json").read_bytes()
     assert build(project).returncode == 0
     assert (project / "metrics/distribution.json").read_bytes() == first
-    assert fiftyone_summary(project)["count"] == {"real": 8, "generated": 6, "variation": 2}
+    assert fiftyone_summary(project)["count"] == {"real": 8, "generated": 6, "variation": 2, "composite": 2}
     gone = project / "data/generated/canopy/images/canopy_00000.png"
     gone.unlink()
     assert build(project).returncode == 0

@@ -63,6 +63,7 @@ def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(repo: Path) -
         "composite",
         "inpaint",
         "composite-filtered",
+        "inpaint-filtered",
     }
     summary = json.loads((repo / "metrics/summary.json").read_text())
     table = (repo / "reports/summary.md").read_text()

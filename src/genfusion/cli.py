@@ -31,6 +31,7 @@ GeneratedOpt = Annotated[Path, typer.Option(help="Generated images, a folder per
 PrelabelsOpt = Annotated[Path, typer.Option(help="Automatic labels, a folder per subject.")]
 AnnotationsOpt = Annotated[Path, typer.Option(help="People's labels, a folder per subject.")]
 CompositesOpt = Annotated[Path, typer.Option(help="Copy-paste composites written by `composite`.")]
+FilteredOpt = Annotated[Path, typer.Option(help="The quality filter's choices, a folder per set.")]
 
 
 def _debug() -> bool:
@@ -162,9 +163,7 @@ def datasets(
     inpainted: Annotated[
         Path, typer.Option(help="Images written by `inpaint`, a folder per subject.")
     ] = Path("data/inpainted"),
-    filtered: Annotated[Path, typer.Option(help="The filter's choices, a folder per set.")] = Path(
-        "data/filtered"
-    ),
+    filtered: FilteredOpt = Path("data/filtered"),
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Write the YOLO dataset a detector variant trains on (params: labels, datasets)."""
@@ -660,6 +659,7 @@ def inspect_build(
         "data/variations"
     ),
     composites: CompositesOpt = Path("data/composites"),
+    filtered: FilteredOpt = Path("data/filtered"),
     detectors: Annotated[Path, typer.Option(help="Trained detectors, a folder each.")] = Path(
         "models/detectors"
     ),
@@ -669,7 +669,9 @@ def inspect_build(
     from genfusion.layout import Sources
     from genfusion.stages.inspect import main
 
-    sources = Sources(real, generated, prelabels, annotations, variations, detectors, composites)
+    sources = Sources(
+        real, generated, prelabels, annotations, variations, detectors, composites, filtered=filtered
+    )
     main(_params(params_path), sources=sources, metrics=metrics, figure=figure)
 
 

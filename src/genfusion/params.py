@@ -81,6 +81,7 @@ Variant = Literal[
     # A set of filter.sets with only the images the filter keeps.
     "composite-filtered",
     "variations-filtered",
+    "inpaint-filtered",
 ]
 
 
@@ -99,6 +100,7 @@ class TrainParams(Section):
         "composite",
         "inpaint",
         "composite-filtered",
+        "inpaint-filtered",
     ]
     seeds: list[int] = [0, 1, 2]
     model: str = "yolov8n.yaml"
@@ -176,6 +178,7 @@ class DatasetsParams(Section):
             "inpaint",
             "composite-filtered",
             "variations-filtered",
+            "inpaint-filtered",
         ]
     ] = [
         "synthetic",
@@ -184,6 +187,7 @@ class DatasetsParams(Section):
         "composite",
         "inpaint",
         "composite-filtered",
+        "inpaint-filtered",
     ]
     mixed_ratio: Annotated[float, Field(ge=0)] = 1.0
 
@@ -343,7 +347,10 @@ class InpaintParams(LayoutParams):
 
 
 class FilterParams(Section):
-    sets: dict[Literal["composite", "variations"], str] = {"composite": "data/composites"}
+    sets: dict[Literal["composite", "variations", "inpaint"], str] = {
+        "composite": "data/composites",
+        "inpaint": "data/inpainted/canopy",
+    }
     keep: Annotated[float, Field(gt=0, le=1)] = 0.75
     clip: str | None = None
 

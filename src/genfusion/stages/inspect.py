@@ -54,6 +54,10 @@ class Item:
     stats: distribution.ImageStats | None = None
     embedding: np.ndarray | None = None
     copy_of: dict[str, str] = field(default_factory=dict)  # "train" / "test" -> real image name
+    # The filter stage's verdict on an image of a filtered set (data/filtered/<set>/): its
+    # combined score and whether it is kept; None for images of sets not filtered.
+    filter_score: float | None = None
+    filter_kept: bool | None = None
     # The labels a detector trains on: the real or carried ones, or for a generated image those
     # `labels.source` chooses (none when it has none).
     labels: list[Box] = field(default_factory=list)
@@ -130,11 +134,16 @@ def collect(
         if not images:
             missing.append(f"{name}: no images yet (`dvc repro {stage}`)")
         rows = rows_by_name(folder / layout.MANIFEST)
+        verdicts = rows_by_name(sources.filtered / stage / layout.MANIFEST) if sources.filtered else {}
         for path in images:
+            verdict = verdicts.get(path.name)
             # The scene of the real tile it was made from.
             scene = scenes.get(Path(rows.get(path.name, {}).get(origin, "")).name, {}).get("scene")
             truth = read_boxes(layout.label_file(folder, path.stem), names, read_header(path).size) or []
-            items.append(Item(path, source, name, scene=scene, truth=truth, labels=truth))
+            item = Item(path, source, name, scene=scene, truth=truth, labels=truth)
+            if verdict:
+                item.filter_score, item.filter_kept = float(verdict["score"]), verdict["kept"] == "true"
+            items.append(item)
     return items, missing
 
 
@@ -298,6 +307,8 @@ def field_types() -> dict[str, dict]:
         "embedding": {"ftype": fo.VectorField},
         "copy_of_train": text,
         "copy_of_test": text,
+        "filter_score": {"ftype": fo.FloatField},
+        "filter_kept": {"ftype": fo.BooleanField},
     }
 
 
@@ -318,6 +329,8 @@ def sample_fields(item: Item) -> dict:
         "embedding": item.embedding,
         "copy_of_train": item.copy_of.get("train"),
         "copy_of_test": item.copy_of.get("test"),
+        "filter_score": item.filter_score,
+        "filter_kept": item.filter_kept,
     }
 
 
@@ -391,6 +404,9 @@ def save_views(dataset, prediction_fields: Sequence[str]) -> list[str]:
         "real-vs-synthetic": dataset.sort_by("source"),
         "most-unique-synthetic": dataset.match(F("source") != "real").sort_by("uniqueness", reverse=True),
         "suspected-copies": dataset.match_tags(["memorised", "leaked"]),
+        # The quality filter's choices, worst first: what it dropped, then what it kept.
+        "filter-dropped": dataset.match(F("filter_kept") == False).sort_by("filter_score"),  # noqa: E712
+        "filter-kept": dataset.match(F("filter_kept") == True).sort_by("filter_score"),  # noqa: E712
     }
     for name in prediction_fields:
         views[f"false-positives-{name.removeprefix('pred_')}"] = dataset.match(

@@ -1,7 +1,8 @@
 """`filter@<set>` stage: the best share of a synthetic set whose labels are known by construction.
 
 The sets are flat image sets (`data/composites`, copy-paste composites; `data/variations`, img2img
-variations carrying their source's boxes) whose manifest names each image (`file`) and its
+variations carrying their source's boxes; `data/inpainted/<subject>`, objects inpainted into a
+drawn layout) whose manifest names each image (`file`) and its
 labels (`label`). Their labels are right only if the generation went right: a paste that
 produced a smear, or a variation that moved the crowns, keeps boxes the pixels no longer show.
 Every image gets up to three scores, each higher-is-better:
@@ -225,7 +226,8 @@ def set_items(set_dir: Path) -> list[Item]:
 
     set_dir = Path(set_dir)
     manifest = set_dir / MANIFEST
-    rerun = f"`dvc repro {MADE_BY.get(set_dir.name, set_dir.name)}`"
+    made_by = f"inpaint@{set_dir.name}" if set_dir.parent.name == "inpainted" else MADE_BY.get(set_dir.name)
+    rerun = f"`dvc repro {made_by or set_dir.name}`"
     if not manifest.is_file():
         raise GenfusionError(f"{manifest}: missing; run {rerun} first")
     try:
@@ -239,7 +241,7 @@ def set_items(set_dir: Path) -> list[Item]:
     if missing:
         raise GenfusionError(
             f"{manifest}: no {' or '.join(missing)} column; filter takes the sets whose labels are"
-            " known by construction (data/composites, data/variations)"
+            " known by construction (data/composites, data/variations, data/inpainted/<subject>)"
         )
     if not rows:
         raise GenfusionError(f"{manifest}: lists no images; run {rerun}")
