@@ -277,6 +277,15 @@ class GenerateParams(Section):
     seed: int = 0
 
 
+def check_runs_a_step(steps: int, strength: float, what: str) -> None:
+    """img2img and inpainting run int(steps * strength) of the sampler's steps: at least one."""
+    if int(steps * strength) < 1:
+        raise ValueError(
+            f"steps x strength must be at least 1 ({what} runs int(steps * strength) steps),"
+            f" got {steps} x {strength}"
+        )
+
+
 class VariationsParams(Section):
     per_image: NonNegativeInt = 4
     strength: Annotated[float, Field(gt=0, le=1)] = 0.2
@@ -289,11 +298,7 @@ class VariationsParams(Section):
 
     @model_validator(mode="after")
     def _runs_a_step(self) -> VariationsParams:
-        if int(self.steps * self.strength) < 1:
-            raise ValueError(
-                f"steps x strength must be at least 1 (img2img runs int(steps * strength) steps),"
-                f" got {self.steps} x {self.strength}"
-            )
+        check_runs_a_step(self.steps, self.strength, "img2img")
         return self
 
 
@@ -338,11 +343,7 @@ class InpaintParams(LayoutParams):
 
     @model_validator(mode="after")
     def _runs_a_step(self) -> InpaintParams:
-        if int(self.steps * self.strength) < 1:
-            raise ValueError(
-                f"steps x strength must be at least 1 (inpainting runs int(steps * strength) steps),"
-                f" got {self.steps} x {self.strength}"
-            )
+        check_runs_a_step(self.steps, self.strength, "inpainting")
         return self
 
 
