@@ -71,8 +71,9 @@ class SeedsParams(Section):
         return self
 
 
-Variant = Literal[
-    "real",
+# The dataset variants built from synthetic data (`real` is built by its own stage, because the
+# real detector labels the generated images some of them train on).
+SyntheticVariant = Literal[
     "synthetic",
     "mixed",
     "variations",
@@ -83,6 +84,9 @@ Variant = Literal[
     "variations-filtered",
     "inpaint-filtered",
 ]
+Variant = Literal["real", SyntheticVariant]
+# The default run's synthetic variants.
+BUILT = ("synthetic", "mixed", "variations", "composite", "inpaint", "composite-filtered", "inpaint-filtered")
 
 
 def two_phase(first: str) -> str:
@@ -92,16 +96,7 @@ def two_phase(first: str) -> str:
 
 
 class TrainParams(Section):
-    variants: list[Variant] = [
-        "real",
-        "synthetic",
-        "mixed",
-        "variations",
-        "composite",
-        "inpaint",
-        "composite-filtered",
-        "inpaint-filtered",
-    ]
+    variants: list[Variant] = ["real", *BUILT]
     seeds: list[int] = [0, 1, 2]
     model: str = "yolov8n.yaml"
     imgsz: PositiveInt = 256
@@ -167,28 +162,7 @@ class LabelsParams(Section):
 
 
 class DatasetsParams(Section):
-    # The variants built from synthetic data. `real` is built by its own stage, because the
-    # real detector labels the generated images the synthetic variants train on.
-    variants: list[
-        Literal[
-            "synthetic",
-            "mixed",
-            "variations",
-            "composite",
-            "inpaint",
-            "composite-filtered",
-            "variations-filtered",
-            "inpaint-filtered",
-        ]
-    ] = [
-        "synthetic",
-        "mixed",
-        "variations",
-        "composite",
-        "inpaint",
-        "composite-filtered",
-        "inpaint-filtered",
-    ]
+    variants: list[SyntheticVariant] = list(BUILT)
     mixed_ratio: Annotated[float, Field(ge=0)] = 1.0
 
 
