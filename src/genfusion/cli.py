@@ -436,7 +436,7 @@ def inpaint(
 @app.command("filter")
 def filter_set(
     name: Annotated[
-        str, typer.Argument(help="The set's name, a key of filter.sets (composite, variations).")
+        str, typer.Argument(help="The set's name, a key of filter.sets (composite, inpaint, variations).")
     ],
     out: Annotated[Path, typer.Option(help="Output folder (manifest.csv, summary.json).")],
     images: Annotated[Path, typer.Option("--set", help="The set's folder (the value of filter.sets).")],
