@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from process_state import process_state_kept
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT / "data" / "seeds" / "neon-trees"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--train-seed",
+        type=int,
+        default=0,
+        help="seed of the detectors that tests train for a few seconds; a test on such a detector"
+        " must pass for any seed (docs/contributing.md, 'Tests that hold on any machine')",
+    )
+
+
+@pytest.fixture(scope="session")
+def train_seed(request: pytest.FixtureRequest) -> int:
+    """The seed of the tiny detectors the tests train (`pytest --train-seed N`, default 0)."""
+    return request.config.getoption("--train-seed")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,3 +51,22 @@ def neon_seeds() -> Path:
 def seeds_copy(neon_seeds: Path, tmp_path: Path) -> Path:
     """A writable copy of the real seeds, for tests that damage or add files."""
     return Path(shutil.copytree(neon_seeds, tmp_path / "neon-trees"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_state(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A module's tests and fixtures leave the process as they found it, and compute on the
+    module's `TORCH_THREADS` threads when it sets them (some compare bytes with another
+    process's, and a thread count can change a float's last bit)."""
+    with process_state_kept():
+        threads = getattr(request.module, "TORCH_THREADS", None)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def test_state() -> Iterator[None]:
+    """Each test leaves the process as it found it, so no test depends on the order they run in."""
+    with process_state_kept():
+        yield

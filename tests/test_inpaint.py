@@ -38,7 +38,7 @@ from genfusion.stages.inpaint import (
 )
 from genfusion.stages.seeds import run_seeds
 
-torch.set_num_threads(1)  # a shared 2-core machine: a second thread waits more than it helps
+TORCH_THREADS = 1  # conftest.module_state; on 2 shared cores a second thread waits more than it helps
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["tree"]
 TINY = {"per_image": 2, "strength": 1.0, "steps": 2, "batch": 2, "seed": 5, "mask_grow": 2}

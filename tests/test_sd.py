@@ -26,7 +26,7 @@ from genfusion.errors import GenfusionError
 from genfusion.params import DiffusionParams, SchedulerName
 from genfusion.stages.base_model import TileSampler, pretrain_tiny, save_builtin
 
-torch.set_num_threads(2)
+TORCH_THREADS = 2  # this module's torch threads (conftest.module_state)
 PROMPT = "an aerial photo of tree crowns"
 
 
