@@ -1,16 +1,17 @@
 """The quality filter (`filter@<set>`) on real components: composites of real NEON tiles, a YOLO
 detector really trained on those tiles, the offline embedding, a tiny random CLIP; and its
-pure core (scores, rank percentiles, the choice) against hand counts."""
+pure core (scores, rank percentiles, the choice) against hand counts.
+
+What a detector trained for seconds finds differs with its seed and with the CPU's floating
+point, so the tests on the trained detector assert only what holds for any detector; how the
+filter treats what a detector finds is tested with detections known by construction."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import random
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from process_state import process_state_kept
 
 from genfusion.boxes import Box
 from genfusion.errors import GenfusionError
@@ -35,7 +37,7 @@ NAMES = ["tree"]
 TILE = 128  # real tiles this small keep the crowns (about 38 px) large at imgsz 64
 IMGSZ = 64
 # The detector is trained a few seconds, without augmentation, on the very tiles the composites
-# are made of; at this confidence it finds crowns there and nothing on a flat or noisy image.
+# are made of, and run at a low confidence; what it finds is its seed's and the CPU's.
 DETECTOR = PrelabelParams(conf=0.05)
 BACKGROUNDS = 4  # composites: one on each of the first real train tiles with objects
 
@@ -52,36 +54,8 @@ def params_data(**filter_section) -> dict:
     return data
 
 
-@contextmanager
-def torch_state_kept():
-    """YOLO training switches on deterministic algorithms and reseeds every generator: give
-    the tests that follow in this process the state they had."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    cudnn = torch.backends.cudnn.deterministic
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    threads = torch.get_num_threads()
-    env = {k: os.environ.get(k) for k in ("CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED")}
-    rngs = torch.get_rng_state(), np.random.get_state(), random.getstate()
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-        torch.backends.cudnn.deterministic = cudnn
-        torch.utils.deterministic.fill_uninitialized_memory = fill
-        torch.set_num_threads(threads)
-        for key, value in env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        torch.set_rng_state(rngs[0])
-        np.random.set_state(rngs[1])
-        random.setstate(rngs[2])
-
-
 @pytest.fixture(scope="module")
-def project(neon_seeds: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def project(neon_seeds: Path, train_seed: int, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Real tiles, a composite set of them with one image broken on purpose, and the real
     detector trained on the tiles."""
     from genfusion.stages.train import train_detector
@@ -92,11 +66,11 @@ def project(neon_seeds: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     run_seeds(read_annotations(neon_seeds), params.seeds, params.classes, real)
     folders = ("real", "generated", "prelabels", "annotations", "variations")
     build_dataset("real", Sources(*(root / "data" / name for name in folders)), root / "data/datasets/real")
-    with pytest.MonkeyPatch.context() as patch, torch_state_kept():
+    with pytest.MonkeyPatch.context() as patch, process_state_kept():
         patch.chdir(root)  # dvclive looks for a DVC repo from the working folder: not the project's
         best = train_detector(
             root / "data/datasets/real" / DATASET_YAML, root / "models/real-0", root / "live/real-0",
-            params.train, seed=0,
+            params.train, seed=train_seed,
         )  # fmt: skip
     # The last epoch's weights: after a few epochs the val mAP that picks best.pt is noise, and the
     # last epoch is the one that has learnt most.
@@ -279,7 +253,18 @@ def test_ranks_and_kept_share_follow_the_scores(project: dict, filtered: Path) -
     assert list(rows[0]) == list(quality_filter.COLUMNS)
     assert sorted((r["file"], r["label"]) for r in rows) == sorted((r["file"], r["label"]) for r in listed)
     assert all(r["clip"] == "" for r in rows)  # no CLIP configured
-    assert len({r["agreement"] for r in rows}) > 1 and len({r["realism"] for r in rows}) > 1
+    assert len({r["realism"] for r in rows}) > 1  # the pixels differ, whatever the detector finds
+    # Each agreement is the one of the boxes the real detector finds on that image, as it finds them.
+    from genfusion.detection import detect
+
+    p = project["params"]
+    items = quality_filter.set_items(project["set"])
+    images = [item.image for item in items]
+    found = detect(project["weights"], images, p.classes, p.prelabel, p.train.imgsz, p.train.device)
+    known = quality_filter.read_known(items, p.classes)
+    by_file = {r["file"]: float(r["agreement"]) for r in rows}
+    for item, k, f in zip(items, known, found, strict=True):
+        assert by_file[item.file] == round(quality_filter.agreement(k, f.boxes), quality_filter.DIGITS)
     expected = expected_choice(rows, 0.5, ("agreement", "realism"))
     assert [
         {"file": r["file"], "score": float(r["score"]), "rank": int(r["rank"]), "kept": r["kept"] == "true"}
@@ -295,13 +280,40 @@ def test_ranks_and_kept_share_follow_the_scores(project: dict, filtered: Path) -
         assert summary["mean"][group]["clip"] is None
 
 
-def test_a_broken_image_scores_below_its_intact_twin_and_is_dropped(project: dict, filtered: Path) -> None:
+def test_a_broken_image_ranks_last_and_is_dropped_whatever_the_detector_finds(project: dict) -> None:
+    """The set's real images and labels, scored with detections known by construction: a detector
+    that finds every known object, one that finds nothing (as a tiny one can), one that finds the
+    objects everywhere but on the flat image. The flat image is the least real in every case, so it
+    ranks last and is dropped; only where the detector misses its objects does its agreement fall."""
+    items = quality_filter.set_items(project["set"])
+    known = quality_filter.read_known(items, NAMES)
+    reference = quality_filter.real_embeddings(project["real"])
+    files = [item.file for item in items]
+    broken, intact = files.index(project["broken"]), files.index(project["intact"])
+    assert known[broken] == known[intact] and known[broken], "the twins carry the same, non-empty labels"
+    detectors = {
+        "finds every object": known,
+        "finds nothing": [[] for _ in items],
+        "misses the broken image": [[] if i == broken else k for i, k in enumerate(known)],
+    }
+    for detector, found in detectors.items():
+        scored = quality_filter.score_items(items, known, found, reference)
+        assert scored[broken].realism < min(s.realism for i, s in enumerate(scored) if i != broken), detector
+        agreements = (scored[broken].agreement, scored[intact].agreement)
+        assert agreements == {"finds every object": (1.0, 1.0), "finds nothing": (0.0, 0.0)}.get(
+            detector, (0.0, 1.0)
+        ), detector
+        ranked = quality_filter.choose(scored, keep=0.5)
+        assert ranked[-1].scores.file == project["broken"] and not ranked[-1].kept, detector
+
+
+def test_the_flat_image_is_the_least_real_with_the_trained_detector(project: dict, filtered: Path) -> None:
+    """End to end: realism does not depend on the detector, so the flat twin scores below its intact
+    twin there, whatever a detector trained for seconds finds."""
     rows = {r["file"]: r for r in read_rows(filtered / MANIFEST)}
     intact, broken = rows[project["intact"]], rows[project["broken"]]
-    assert float(broken["agreement"]) < float(intact["agreement"])
     assert float(broken["realism"]) < float(intact["realism"])
-    assert broken["kept"] == "false"
-    assert int(broken["rank"]) == len(rows)  # the worst of the set
+    assert float(broken["realism"]) == min(float(r["realism"]) for r in rows.values())
 
 
 def test_two_runs_write_identical_files(project: dict, filtered: Path, tmp_path: Path) -> None:

@@ -322,6 +322,32 @@ def real_embeddings(real_dir: Path) -> np.ndarray:
     return np.stack([descriptor(read_rgb(tile)) for tile in tiles])
 
 
+def read_known(items: Sequence[Item], names: Sequence[str]) -> list[list[Box]]:
+    """Each image's known objects, from its label file; a bad line is an error naming it."""
+    from genfusion.formats.yolo import read_label_file
+    from genfusion.images import read_header
+
+    return [read_label_file(item.labels, names, read_header(item.image).size) for item in items]
+
+
+def score_items(
+    items: Sequence[Item],
+    known: Sequence[Sequence[Box]],
+    found: Sequence[Sequence[Box]],
+    reference: np.ndarray,
+    similarities: Sequence[float] | None = None,
+) -> list[Scores]:
+    """The set's images' scores, from their `known` objects (`read_known`), the real detector's
+    boxes `found` on each, their pixels against the real train tiles' embeddings `reference`
+    (`real_embeddings`), and their CLIP `similarities` (None: not used)."""
+    from genfusion.distribution import descriptor
+    from genfusion.progress import progress_bar
+
+    embeddings = np.stack([descriptor(read_rgb(item.image)) for item in progress_bar(items, "filter: embed")])
+    in_manifest = [(item.file, item.label) for item in items]
+    return score_images(in_manifest, known, found, embeddings, reference, similarities)
+
+
 def filter_set(
     set_dir: Path,
     real_dir: Path,
@@ -337,11 +363,7 @@ def filter_set(
     """Score every image of `set_dir`, choose, and write `out` (manifest.csv, summary.json);
     returns the summary. Everything is checked before anything is computed or written."""
     from genfusion.detection import detect
-    from genfusion.distribution import descriptor
-    from genfusion.formats.yolo import read_label_file
-    from genfusion.images import read_header
     from genfusion.manifest import write_manifest
-    from genfusion.progress import progress_bar
 
     items = set_items(set_dir)
     weights = Path(weights)
@@ -353,18 +375,11 @@ def filter_set(
     reference = real_embeddings(real_dir)
     clip = load_clip(settings.clip) if settings.clip is not None else None
 
-    known = []
-    for item in items:
-        known.append(read_label_file(item.labels, names, read_header(item.image).size))
+    known = read_known(items, names)
     images = [item.image for item in items]
     found = [labels.boxes for labels in detect(weights, images, names, prelabel_settings, imgsz, device)]
-    embeddings = np.stack([descriptor(read_rgb(path)) for path in progress_bar(images, "filter: embed")])
     similarities = clip_similarities(clip, images, class_prompt) if clip is not None else None
-
-    scored = score_images(
-        [(item.file, item.label) for item in items], known, found, embeddings, reference, similarities
-    )
-    choices = choose(scored, settings.keep)
+    choices = choose(score_items(items, known, found, reference, similarities), settings.keep)
     # The datasets stage finds the images here: the rows' paths are relative to the set folder.
     result = {"set": Path(set_dir).as_posix()} | summary(choices, settings.keep)
     with fsio.replace_dir(Path(out)) as scratch:
