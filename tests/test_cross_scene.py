@@ -59,7 +59,8 @@ def test_folds_hold_out_each_scene_and_pool_every_object(tmp_path_factory: pytes
         assert f"| {scene} | {row['map50_mean']:.3f}" in table
     real = pooled["pooled"]["real"]["yolov8n"]
     assert real["seeds"] == 1
-    assert real["map50_low"] <= real["map50_mean"] <= real["map50_high"]
+    # A percentile interval of AP need not hold the point estimate (AP is no mean of the cells).
+    assert 0 <= real["map50_low"] <= real["map50_high"] <= 1
     before = table
     run(repo, "genfusion", "cross-scene", "report")
     assert (repo / "reports/cross_scene.md").read_text() == before  # the same resamples every time

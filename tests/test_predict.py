@@ -149,13 +149,15 @@ def test_merging_joins_a_crown_cut_by_a_slice_edge() -> None:
 
 
 @pytest.fixture(scope="module")
-def detector(neon_seeds: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def detector(neon_seeds: Path, train_seed: int, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny detector trained for real (3 epochs at 64 px) on the dataset the seeds make, with its
-    params file (predict.conf low, so that the undertrained model still finds boxes)."""
+    params file. predict.conf 0: every anchor's box is a candidate, so the detector finds boxes in
+    every slice whatever a few seconds of training taught it (its best scores are about 0.01,
+    whatever the seed)."""
     root = tmp_path_factory.mktemp("predict")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(epochs=3, imgsz=64, batch=4, nbs=4, workers=0, close_mosaic=0, device="cpu")
-    params["predict"].update(slice=320, overlap=64, merge="nms", conf=0.001)
+    params["predict"].update(slice=320, overlap=64, merge="nms", conf=0.0)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     loaded = load_params(root / "params.yaml")
     run_seeds(read_annotations(neon_seeds), loaded.seeds, loaded.classes, root / "data/real")
@@ -165,7 +167,7 @@ def detector(neon_seeds: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         patch.chdir(root)  # dvclive looks for a DVC repo from the working folder: not the project's
         weights = train_detector(
             root / "data/datasets/real" / DATASET_YAML, root / "models/real-0", root / "live/real-0",
-            loaded.train, seed=0,
+            loaded.train, seed=train_seed,
         )  # fmt: skip
     tiles = sorted((root / "data/real/images").rglob("*.png"))
     return {"root": root, "weights": weights, "params": root / "params.yaml", "tiles": tiles}
@@ -275,7 +277,7 @@ def test_predict_writes_coco_and_csv_for_a_scene_of_many_slices(
 ) -> None:
     coco, rows = check_outputs(big_scene_out, {"scene.png": (4000, 4000)})
     assert coco["images"][0]["file_name"] == str(big_scene)
-    assert len(rows) > 1, "no boxes: lower predict.conf or train longer"
+    assert len(rows) > 1
     assert [c["name"] for c in coco["categories"]] == list(load_params(detector["params"]).classes)
     # Boxes come from slices all over the scene, in scene pixels.
     assert max(float(r["xmax"]) for r in rows) > 2000 and max(float(r["ymax"]) for r in rows) > 2000
