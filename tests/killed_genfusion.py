@@ -16,6 +16,12 @@ import importlib
 import os
 import signal
 import sys
+from pathlib import Path
+
+
+def command(how: str, where: str, when: int) -> list[str]:
+    """The command line that runs this script: `[*command(...), *genfusion_arguments]`."""
+    return [sys.executable, str(Path(__file__)), how, where, str(when)]
 
 
 def die() -> None:

@@ -6,10 +6,10 @@ import csv
 import logging
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
+import killed_genfusion
 import pytest
 import yaml
 from PIL import Image
@@ -180,8 +180,7 @@ def test_killed_run_resumes_to_the_same_files(base_dir: Path, tmp_path: Path) ->
     params = tiny_project(tmp_path, n=8, batch=2, steps=2)
     out = tmp_path / "killed"
     # Killed as soon as the third image (the first of the second batch) is written.
-    killer = [sys.executable, str(Path(__file__).with_name("killed_genfusion.py"))]
-    command = [*killer, "after", "genfusion.fsio.write_png", "3", "generate", "canopy"]
+    command = [*killed_genfusion.command("after", "genfusion.fsio.write_png", 3), "generate", "canopy"]
     command += ["--base", str(base_dir), "--out", str(out), "--params", str(params)]
     killed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr

@@ -291,18 +291,16 @@ def test_a_broken_image_ranks_last_and_is_dropped_whatever_the_detector_finds(pr
     files = [item.file for item in items]
     broken, intact = files.index(project["broken"]), files.index(project["intact"])
     assert known[broken] == known[intact] and known[broken], "the twins carry the same, non-empty labels"
+    # Each detector's boxes on every image, and the agreements they give the (broken, intact) twins.
     detectors = {
-        "finds every object": known,
-        "finds nothing": [[] for _ in items],
-        "misses the broken image": [[] if i == broken else k for i, k in enumerate(known)],
+        "finds every object": (known, (1.0, 1.0)),
+        "finds nothing": ([[] for _ in items], (0.0, 0.0)),
+        "misses the broken image": ([[] if i == broken else k for i, k in enumerate(known)], (0.0, 1.0)),
     }
-    for detector, found in detectors.items():
+    for detector, (found, agreements) in detectors.items():
         scored = quality_filter.score_items(items, known, found, reference)
         assert scored[broken].realism < min(s.realism for i, s in enumerate(scored) if i != broken), detector
-        agreements = (scored[broken].agreement, scored[intact].agreement)
-        assert agreements == {"finds every object": (1.0, 1.0), "finds nothing": (0.0, 0.0)}.get(
-            detector, (0.0, 1.0)
-        ), detector
+        assert (scored[broken].agreement, scored[intact].agreement) == agreements, detector
         ranked = quality_filter.choose(scored, keep=0.5)
         assert ranked[-1].scores.file == project["broken"] and not ranked[-1].kept, detector
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import killed_genfusion
 import pytest
 import torch
 import yaml
@@ -56,8 +57,7 @@ def train_command(
     if kill_at is None:
         cli = [sys.executable, "-c", "from genfusion.cli import main; main()"]
     else:
-        killed = Path(__file__).with_name("killed_genfusion.py")
-        cli = [sys.executable, str(killed), "callback", kill_at[0], str(kill_at[1])]
+        cli = killed_genfusion.command("callback", *kill_at)
     paths = ["--data", "data/datasets/real", "--out", f"models/{name}", "--live", f"live/{name}"]
     return [*cli, "train", *paths, "--seed", str(seed)]
 
