@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from process_state import process_state_kept
+from tiny_pipeline import TinyRun, copy_of, run_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT / "data" / "seeds" / "neon-trees"
@@ -51,6 +52,19 @@ def neon_seeds() -> Path:
 def seeds_copy(neon_seeds: Path, tmp_path: Path) -> Path:
     """A writable copy of the real seeds, for tests that damage or add files."""
     return Path(shutil.copytree(neon_seeds, tmp_path / "neon-trees"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """The tiny pipeline, reproduced once per test run (tests/tiny_pipeline.py): read it, never
+    change it; a test that changes the project takes `tiny_project`."""
+    return run_tiny_pipeline(tmp_path_factory.mktemp("tiny-pipeline"))
+
+
+@pytest.fixture
+def tiny_project(tiny_run: TinyRun, tmp_path: Path) -> Path:
+    """A copy of the reproduced tiny pipeline of this test's own."""
+    return copy_of(tiny_run, tmp_path / "project")
 
 
 @pytest.fixture(scope="module", autouse=True)

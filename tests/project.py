@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -30,10 +31,15 @@ OUTPUTS = (
 )
 
 
-def run(repo: Path, *args: str) -> str:
-    """Run a command in `repo` with this venv's tools first on PATH; fail the test on an error."""
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+def run(repo: Path, *args: str, env: Mapping[str, str] | None = None) -> str:
+    """Run a command in `repo` with this venv's tools first on PATH (after `env`'s PATH, when it
+    has one, and with its other variables set); fail the test on an error."""
+    extra = dict(env or {})
+    first = [extra.pop("PATH")] if "PATH" in extra else []
+    path = os.pathsep.join([*first, str(Path(sys.executable).parent), os.environ["PATH"]])
+    done = subprocess.run(
+        args, cwd=repo, env=os.environ | extra | {"PATH": path}, capture_output=True, text=True
+    )
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
 

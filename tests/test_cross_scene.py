@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from project import project_repo, run
-from test_pipeline import TINY
+from tiny_pipeline import TINY
 
 from genfusion.commands.cross_scene import fold_name, folds_in, run_commands
 from genfusion.params import load_params

@@ -1,5 +1,6 @@
-"""dvc.yaml declares what each stage reads: every stage's command runs under `dependency_trace` on
-tiny settings, and each params key, pipeline file and genfusion module it read must be declared.
+"""dvc.yaml declares what each stage reads: every stage's command runs under `dependency_trace` in
+the tiny pipeline's `dvc repro` (tests/tiny_pipeline.py), and each params key, pipeline file and
+genfusion module it read must be declared.
 
 An undeclared read means `dvc repro` does not rerun the stage when that input changes, and serves a
 stale output as up to date.
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import sys
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,8 +19,7 @@ import pytest
 from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
 from dvc.stage import PipelineStage
-from project import project_repo, run
-from test_pipeline import TINY, add_extra_set
+from tiny_pipeline import TinyRun
 
 # Infrastructure that every stage imports: the command line, params parsing, errors, progress bars
 # and atomic writes. None of it decides what a stage computes (params values are checked as keys),
@@ -130,28 +128,14 @@ def declaration(stage: PipelineStage, root: str) -> dict:
     }
 
 
-def trace_stage(repo: Path, stage: dict, out: Path) -> dict:
-    """Run the stage's command under dependency_trace, as `dvc repro` would run it."""
-    words = shlex.split(stage["cmd"])
-    run(repo, sys.executable, "-m", "dependency_trace", str(out), "--", *words)
-    return json.loads(out.read_text())
-
-
 @pytest.fixture(scope="module")
-def traced(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[dict, dict]]:
-    """(declaration, trace) of every stage, run once each in dependency order: each traced run
-    writes the inputs of the stages after it. One training seed: every seed runs the same code."""
-    repo = project_repo(tmp_path_factory.mktemp("project"), TINY | {"train": TINY["train"] | {"seeds": [0]}})
-    run(repo, "dvc", "pull", "-q", "data/seeds/neon-trees.dvc")
-    add_extra_set(repo)
-    traces = tmp_path_factory.mktemp("traces")
-    with pytest.MonkeyPatch.context() as env:
-        # The copy's own code, the code its dvc.yaml declares, and the tracer beside its tests.
-        env.setenv("PYTHONPATH", os.pathsep.join([str(repo / "src"), str(repo / "tests")]))
-        return [
-            (stage, trace_stage(repo, stage, traces / f"{stage['name']}.json"))
-            for stage in declarations(repo)
-        ]
+def traced(tiny_run: TinyRun) -> list[tuple[dict, dict]]:
+    """(declaration, trace) of every stage of the tiny pipeline, whose `dvc repro` ran each stage's
+    command under dependency_trace (tests/tiny_pipeline.py)."""
+    stages = declarations(tiny_run.repo)
+    untraced = [s["name"] for s in stages if not (tiny_run.traces / f"{s['name']}.json").is_file()]
+    assert not untraced, f"the tiny pipeline ran these stages without the tracer: {untraced}"
+    return [(s, json.loads((tiny_run.traces / f"{s['name']}.json").read_text())) for s in stages]
 
 
 @pytest.mark.integration

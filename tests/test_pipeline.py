@@ -1,46 +1,18 @@
-"""`dvc repro`, `dvc exp run`, metrics and plots on a copy of the project in a fresh git repo."""
+"""`dvc repro`, `dvc exp run`, metrics and plots on the tiny pipeline (tests/tiny_pipeline.py), run
+once per test session; tests that change the project take a copy of their own."""
 
 from __future__ import annotations
 
 import json
-import shutil
+import statistics
 from pathlib import Path
 
 import pytest
 import yaml
-from project import commit, project_repo, run
+from project import commit, run
+from tiny_pipeline import TinyRun
 
 pytestmark = pytest.mark.integration
-
-TINY = {
-    "train": {"epochs": 1, "imgsz": 64, "batch": 4, "workers": 0, "seeds": [0, 1]},
-    "diffusion": {"resolution": 32, "pretrain_steps": 2, "pretrain_vae_steps": 2},
-    "finetune": {"steps": 2, "num_class_images": 2},
-    "generate": {"n": 2, "steps": 2},
-    "variations": {"per_image": 1, "steps": 2, "strength": 0.5},
-    "composite": {"per_image": 1},
-    "inpaint": {"per_image": 1, "steps": 2, "strength": 1.0},
-    # 2 of the 20 real train tiles: as many synthetic images as generate.n makes.
-    "datasets": {"mixed_ratio": 0.1},
-    # A labelled set scored by every detector besides the test split (one seed scene, copied in).
-    "evaluate": {"bootstrap": 200, "extra_sets": {"soap": "data/extra/soap"}},
-}
-EXTRA_SCENE = "SOAP_061"
-
-
-def add_extra_set(repo: Path) -> None:
-    """TINY's extra set, copied from the pulled seeds."""
-    (repo / "data/extra/soap").mkdir(parents=True)
-    for suffix in (".png", ".xml"):
-        shutil.copy(repo / f"data/seeds/neon-trees/{EXTRA_SCENE}{suffix}", repo / "data/extra/soap")
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = project_repo(tmp_path_factory.mktemp("project"), TINY)
-    run(repo, "dvc", "pull", "-q", "data/seeds/neon-trees.dvc")
-    add_extra_set(repo)
-    return repo
 
 
 def train_matrix(repo: Path) -> list[tuple[str, int]]:
@@ -52,12 +24,10 @@ def real_tiles_count(repo: Path) -> int:
     return json.loads((repo / "data/datasets/real/counts.json").read_text())["train_images"]
 
 
-# The whole tiny pipeline runs in this test: 535 s measured on 2 idle cores (2026-12-04), too close
-# to the suite's 900 s hang guard for a loaded machine.
-@pytest.mark.timeout(1800)
-def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(repo: Path) -> None:
-    run(repo, "dvc", "repro")
+def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(tiny_run: TinyRun) -> None:
+    repo = tiny_run.repo
     matrix = train_matrix(repo)
+    seeds = sorted({seed for _, seed in matrix})
     assert {v for v, _ in matrix} == {
         "real",
         "synthetic",
@@ -89,30 +59,30 @@ def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(repo: Path) -
         assert row["map50_mean"] == pytest.approx(sum(values) / len(values))
         mean = sum(values) / len(values)
         assert row["map50_std"] == pytest.approx(
-            (sum((x - mean) ** 2 for x in values) / (len(values) - 1)) ** 0.5
+            (sum((x - mean) ** 2 for x in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
         )
         assert row["map50_low"] <= row["map50_high"]
         if variant != "real":
             assert row["map50_delta_low"] <= row["map50_delta_high"]
-            assert set(row["paired"]) == {"0", "1"}
+            assert set(row["paired"]) == {str(seed) for seed in seeds}
         assert f"| {variant} | yolov8n | {len(runs)} | {counts['train_images']} |" in table
         assert (repo / f"metrics/pr/{variant}-0.csv").read_text().startswith("recall,precision\n")
         # Each object of the extra set is scored once, on its whole scene.
-        extra = [json.loads((repo / f"metrics/eval/soap/{variant}-{s}.json").read_text()) for s in (0, 1)]
+        extra = [json.loads((repo / f"metrics/eval/soap/{variant}-{s}.json").read_text()) for s in seeds]
         assert all(e["scenes"] == 1 and e["objects"] == 37 for e in extra)
         assert summary["soap"][variant]["yolov8n"]["map50_mean"] == pytest.approx(
-            sum(e["map50"] for e in extra) / 2
+            statistics.mean(e["map50"] for e in extra)
         )
     assert "extra set `soap`" in table
     # The two-phase row: composite's detector of each seed fine-tuned on the real train split,
     # scored on the same scenes (the test split and the extra set) beside the variants.
-    for seed in (0, 1):
+    for seed in seeds:
         two_phase = json.loads((repo / f"metrics/eval/composite-then-real-{seed}.json").read_text())
         assert two_phase["variant"] == "composite-then-real"
         assert two_phase["train_images"] == real_tiles_count(repo)
         assert (repo / f"metrics/eval/soap/composite-then-real-{seed}.json").is_file()
     assert list(summary["test"]) == [*dict.fromkeys(v for v, _ in matrix), "composite-then-real"]
-    assert "| composite-then-real | yolov8n | 2 |" in table
+    assert f"| composite-then-real | yolov8n | {len(seeds)} |" in table
     for variant, seed in matrix:  # every detector exported, its ONNX model scoring as it does
         check = json.loads((repo / f"metrics/export/{variant}-{seed}.json").read_text())
         assert check["parity"] and check["map50_difference"] <= check["tolerance"]
@@ -129,10 +99,32 @@ def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(repo: Path) -
     again = run(repo, "dvc", "repro")
     assert "Running stage" not in again
     assert "up to date" in run(repo, "dvc", "status")
-    commit(repo, "baseline")
 
 
-def test_a_changed_param_touches_only_the_stages_that_read_it(repo: Path) -> None:
+def test_a_change_of_seeds_adds_their_stages_and_nothing_else(tiny_project: Path) -> None:
+    """The seed matrix, checked with `dvc status` (which runs nothing): a new seed adds a
+    detector of every variant and two-phase row, its evaluations and exports, and the report."""
+    repo = tiny_project
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    variants, first = params["train"]["variants"], params["train"]["init_from"]
+    new = max(params["train"]["seeds"]) + 1
+    params["train"]["seeds"].append(new)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = set(json.loads(run(repo, "dvc", "status", "--json")))
+    rows = [f"{v}-{new}" for v in variants]
+    two_phase = [f"{v}-{new}" for v in first]
+    assert changed == {
+        *(f"{stage}@{row}" for stage in ("train", "evaluate", "export") for row in rows),
+        *(f"evaluate_extra@{row}-soap" for row in rows),
+        *(f"{stage}@{row}" for stage in ("train_two_phase", "evaluate_two_phase") for row in two_phase),
+        *(f"evaluate_extra_two_phase@{row}-soap" for row in two_phase),
+        "report",
+    }
+    assert not (repo / f"models/detectors/real-{new}").exists()
+
+
+def test_a_changed_param_touches_only_the_stages_that_read_it(tiny_project: Path) -> None:
+    repo = tiny_project
     params = (repo / "params.yaml").read_text()
     (repo / "params.yaml").write_text(params.replace("  epochs: 1\n", "  epochs: 2\n"))
     changed = set(json.loads(run(repo, "dvc", "status", "--json")))
@@ -165,7 +157,8 @@ def queued_params(shown: object) -> list[dict]:
     return found
 
 
-def test_a_profile_sweep_queues_one_experiment_per_value(repo: Path) -> None:
+def test_a_profile_sweep_queues_one_experiment_per_value(tiny_project: Path) -> None:
+    repo = tiny_project
     run(repo, "genfusion", "exp", "profiles/variations-80-20-100.yaml", "--queue")
     try:
         queued = queued_params(json.loads(run(repo, "dvc", "exp", "show", "--json")))
@@ -176,11 +169,10 @@ def test_a_profile_sweep_queues_one_experiment_per_value(repo: Path) -> None:
         run(repo, "dvc", "queue", "remove", "--all")
 
 
-def test_metrics_and_plots_compare_across_branches(repo: Path) -> None:
-    run(
-        repo, "git", "checkout", "-q", "-b", "resamples"
-    )  # not the experiment's name: apply would take the branch
-    run(repo, "dvc", "exp", "apply", "fewer-resamples")
+def test_metrics_and_plots_compare_across_branches(tiny_project: Path) -> None:
+    repo = tiny_project
+    run(repo, "git", "checkout", "-q", "-b", "resamples")
+    run(repo, "dvc", "exp", "run", "-S", "evaluate.bootstrap=100")
     commit(repo, "fewer resamples")
     diff = json.loads(run(repo, "dvc", "metrics", "diff", "main", "--all", "--json"))
     assert {"map", "map50", "map75"} <= set(diff["metrics/eval/real-0.json"])
@@ -196,9 +188,10 @@ def test_metrics_and_plots_compare_across_branches(repo: Path) -> None:
     assert "metrics/pr/real-0.csv" in (repo / "plots-out" / "index.html").read_text()
 
 
-def test_a_registered_detector_is_fetched_by_name(repo: Path, tmp_path: Path) -> None:
+def test_a_registered_detector_is_fetched_by_name(tiny_project: Path, tmp_path: Path) -> None:
     """dvc.yaml's artifacts: a version registered with a git tag (GTO's form, as `gto register`
     writes it) is fetched from the DVC remote by name."""
+    repo = tiny_project
     run(repo, "dvc", "remote", "add", "-f", "-d", "local", str(tmp_path / "remote"))
     commit(repo, "a remote")
     run(repo, "dvc", "push", "-q", "train@real-0")
