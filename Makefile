@@ -14,7 +14,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 export YOLO_OFFLINE := 1
 
-.PHONY: setup seeds repro test test-fast lint docs bench
+.PHONY: setup seeds test-tools repro test test-fast lint docs bench
 
 $(STAMP): pyproject.toml requirements/fiftyone.txt requirements/label-studio-sdk.txt Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,14 @@ repro: setup
 seeds: setup
 	dvc pull --quiet data/seeds/neon-trees.dvc
 
-test: seeds
+# What only the tests need, installed here so that no test installs anything: Label Studio in its
+# own venv (.labelstudio/venv, as `genfusion annotate serve` installs it) and Chromium for the
+# FiftyOne App test. One that cannot be installed fails this target.
+test-tools: setup
+	genfusion annotate install
+	command -v chromium >/dev/null || apt-get install -y -q chromium
+
+test: seeds test-tools
 	python -m pytest
 
 test-fast: seeds

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NoReturn
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +83,13 @@ def generate_canopy(params: Path, base: Path, real: Path, out: Path) -> None:
     from genfusion.stages import generate
 
     generate.main(load_params(params), subject="canopy", base=base, finetuned=None, real=real, out=out)
+
+
+def not_installed(component: str) -> NoReturn:
+    """A component only tests need is missing: `make test` installs it (its test-tools target).
+    In CI that is a failure, so that its tests cannot vanish while the run stays green; elsewhere
+    the tests that need it are skipped."""
+    message = f"{component} is not installed: run `make test-tools` (make test does)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

@@ -17,7 +17,7 @@ import pytest
 import requests
 import yaml
 from PIL import Image
-from project import ROOT
+from project import ROOT, not_installed
 
 from genfusion import distribution
 from genfusion.boxes import Box
@@ -62,11 +62,9 @@ def test_identical_sets_are_at_distance_zero_and_a_recoloured_set_moves_away() -
     assert distribution.values_distance([0, 0], [1, 3]) == pytest.approx(2.0)  # mean shift of 2
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def inspect_project(root: Path) -> Path:
     """Real tiles from the segmentation fixture, a subject of generated images (two of them
-    planted copies: of a train tile and of a test tile), variations, and params."""
-    root = tmp_path_factory.mktemp("inspect")
+    planted copies: of a train tile and of a test tile), variations, and params, in `root`."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["seeds"].update(
         source=str(FIXTURE), tile_size=128, split={"train": 0.5, "val": 0.25, "test": 0.25}
@@ -117,6 +115,12 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The inspect stage's inputs, not built: tests that build it take `built` or their own."""
+    return inspect_project(tmp_path_factory.mktemp("inspect"))
+
+
 def build(root: Path) -> subprocess.CompletedProcess:
     """The stage, in its own process: FiftyOne's database settings are per process."""
     return subprocess.run(
@@ -141,10 +145,19 @@ def fiftyone_summary(root: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.integration
-def test_inspect_builds_metrics_and_a_fiftyone_dataset_without_duplicates(project: Path) -> None:
-    done = build(project)
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project the inspect stage has built (its FiftyOne dataset, metrics and figure): read it
+    only."""
+    root = inspect_project(tmp_path_factory.mktemp("inspect-built"))
+    done = build(root)
     assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+@pytest.mark.integration
+def test_inspect_builds_metrics_and_a_fiftyone_dataset(built: Path) -> None:
+    project = built
     metrics = json.loads((project / "metrics/distribution.json").read_text())
     assert metrics["real"]["images"] == {"train": 4, "val": 2, "test": 2}
     generated = metrics["sets"]["generated/canopy"]
@@ -175,7 +188,12 @@ def test_inspect_builds_metrics_and_a_fiftyone_dataset_without_duplicates(projec
     assert summary["kept"] == {"true": 1, "false": 1, "null": 16}
     assert {"genfusion_pca", "genfusion_similarity"} <= set(summary["brain"])
 
-    # Again: the same metrics, no duplicate samples. Then an image disappears: so does its sample.
+
+@pytest.mark.integration
+def test_a_rebuild_adds_no_duplicates_and_drops_a_removed_image(tmp_path: Path) -> None:
+    """Again: the same metrics, no duplicate samples. Then an image disappears: so does its sample."""
+    project = inspect_project(tmp_path)
+    assert build(project).returncode == 0
     first = (project / "metrics/distribution.json").read_bytes()
     assert build(project).returncode == 0
     assert (project / "metrics/distribution.json").read_bytes() == first
@@ -219,26 +237,14 @@ def test_a_database_that_cannot_start_is_a_clear_error(project: Path, tmp_path: 
 
 
 def chromium() -> str:
-    """Chromium from Debian's packages, installed when missing; skip when that cannot be done."""
-    found = shutil.which("chromium")
-    if found:
-        return found
-    try:
-        done = subprocess.run(
-            ["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, text=True, timeout=600
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"Chromium cannot be installed here: {exc}")
-    if done.returncode != 0 or not shutil.which("chromium"):
-        pytest.skip(f"Chromium cannot be installed here: apt-get said: {done.stderr[-500:]}")
-    return shutil.which("chromium")
+    """Chromium, which `make test` installs from Debian's packages."""
+    return shutil.which("chromium") or not_installed("Chromium (apt-get install chromium)")
 
 
 @pytest.mark.integration
-def test_the_app_shows_the_dataset_in_a_real_browser(project: Path, tmp_path: Path) -> None:
+def test_the_app_shows_the_dataset_in_a_real_browser(built: Path, tmp_path: Path) -> None:
     browser = chromium()
-    if not (project / "metrics/distribution.json").exists():
-        assert build(project).returncode == 0
+    project = built
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

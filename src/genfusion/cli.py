@@ -580,6 +580,14 @@ SubjectOpt = Annotated[
 ]
 
 
+@annotate_app.command("install")
+def annotate_install(params_path: ParamsOpt = Path("params.yaml")) -> None:
+    """Install Label Studio into its own venv under annotate.home (what `serve` does the first time)."""
+    from genfusion.commands.annotate import install_main
+
+    install_main(_params(params_path))
+
+
 @annotate_app.command("serve")
 def annotate_serve(
     port: Annotated[int | None, typer.Option(help="Port on 127.0.0.1 (default: annotate.url's).")] = None,

@@ -1,6 +1,7 @@
-"""`genfusion annotate serve | push | pull`: people check and correct the automatic labels in
-Label Studio, and their labels come back versioned by DVC.
+"""`genfusion annotate install | serve | push | pull`: people check and correct the automatic
+labels in Label Studio, and their labels come back versioned by DVC.
 
+- install: what serve does the first time, alone (`make test` runs it before the tests).
 - serve: Label Studio in its own venv (its pins clash with this project's), on 127.0.0.1,
   with its database under `annotate.home` (git-ignored) and no outside calls.
 - push: one project per subject, labelling config from the params classes (rectangles, or
@@ -263,6 +264,12 @@ def summary_text(summary: dict) -> str:
 
 
 # --- serve ---------------------------------------------------------------------------------
+
+
+def install_main(params: Params) -> None:
+    """Install the server (a no-op when it is there): `make test` does, so no test installs it."""
+    exe = server_executable(Path(params.annotate.home))
+    log.info("Label Studio is installed: %s", exe)
 
 
 def serve_main(params: Params, *, port: int | None) -> None:

@@ -144,10 +144,15 @@ def client(settings: AnnotateParams, env_file: Path = Path(".env")) -> LabelStud
     return LabelStudio(found[URL_VAR] or settings.url, found[TOKEN_VAR])
 
 
+def installed_server(home: Path) -> Path:
+    """Where Label Studio's executable is once installed under `home` (it may not be yet)."""
+    return home / "venv" / "bin" / "label-studio"
+
+
 def server_executable(home: Path) -> Path:
     """Label Studio in its own venv under `home`, installed on first use."""
     venv = home / "venv"
-    exe = venv / "bin" / "label-studio"
+    exe = installed_server(home)
     if exe.is_file():
         return exe
     log.info("installing %s into %s (once; a minute or two)", LABEL_STUDIO, venv)
