@@ -45,11 +45,15 @@ test-tools: setup
 	genfusion annotate install
 	command -v chromium >/dev/null || apt-get install -y -q chromium
 
+# -n auto: a pytest-xdist worker per core; loadgroup keeps each module's tests, and the tiny
+# pipeline's, on one worker (tests/conftest.py).
+PYTEST := python -m pytest -n auto --dist loadgroup
+
 test: seeds test-tools
-	python -m pytest
+	$(PYTEST)
 
 test-fast: seeds
-	python -m pytest -m "not integration"
+	$(PYTEST) -m "not integration"
 
 lint: setup
 	ruff check .

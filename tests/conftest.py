@@ -26,6 +26,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist with `--dist loadgroup` (make test): a module's tests share one worker,
+    so its module fixtures are made once, and so do all the tests of the tiny pipeline, which
+    then runs once."""
+    for item in items:
+        group = "tiny-pipeline" if "tiny_run" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def train_seed(request: pytest.FixtureRequest) -> int:
     """The seed of the tiny detectors the tests train (`pytest --train-seed N`, default 0)."""
