@@ -45,9 +45,9 @@ test-tools: setup
 	genfusion annotate install
 	command -v chromium >/dev/null || apt-get install -y -q chromium
 
-# -n auto: a pytest-xdist worker per core; loadgroup keeps each module's tests, and the tiny
+# -n auto: a pytest-xdist worker per core; loadscope keeps each module's tests, and the tiny
 # pipeline's, on one worker (tests/conftest.py).
-PYTEST := python -m pytest -n auto --dist loadgroup
+PYTEST := python -m pytest -n auto --dist loadscope
 
 test: seeds test-tools
 	$(PYTEST)

@@ -26,13 +26,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist with `--dist loadgroup` (make test): a module's tests share one worker,
-    so its module fixtures are made once, and so do all the tests of the tiny pipeline, which
-    then runs once."""
-    for item in items:
-        group = "tiny-pipeline" if "tiny_run" in item.fixturenames else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+# The modules whose tests read the tiny pipeline (the `tiny_run` fixture).
+TINY_PIPELINE_MODULES = ("tests/test_pipeline.py", "tests/test_dvc_declarations.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under pytest-xdist with `--dist loadscope` (make test): a module's tests share one worker,
+    so its module fixtures are made once, and the modules of the tiny pipeline share one, so that
+    it runs once. (pytest-xdist's own xdist_group marks do nothing on pytest 9.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "tiny pipeline" if module in TINY_PIPELINE_MODULES else module
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
