@@ -64,3 +64,4 @@ docs: setup
 
 bench: setup
 	python benchmarks/bench_foundation.py
+	python benchmarks/bench_train.py

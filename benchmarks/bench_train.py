@@ -41,6 +41,7 @@ class Clock:
         self.totals = dict.fromkeys(PARTS, 0.0)
         self.epochs = 0
         self._batch_end: float | None = None
+        self._in_epoch = False
         self._mark = started
 
     def attach(self, model):
@@ -58,6 +59,7 @@ class Clock:
     def on_train_epoch_start(self, trainer) -> None:
         self._since("start" if self.epochs == 0 else "other")
         self._batch_end = None
+        self._in_epoch = True
 
     def on_train_batch_start(self, trainer) -> None:
         self._since("data" if self._batch_end is not None or self.epochs else "start")
@@ -69,6 +71,7 @@ class Clock:
 
     def on_train_epoch_end(self, trainer) -> None:
         self._since("other")
+        self.epochs += 1
 
     def on_val_start(self, validator) -> None:
         # The final validation of the best weights also calls it, after the last epoch.
@@ -83,8 +86,10 @@ class Clock:
         self._since("save")
 
     def on_fit_epoch_end(self, trainer) -> None:
-        self._since("other")
-        self.epochs += 1
+        # The final evaluation calls it once more, after the last epoch: that is `finish`.
+        if self._in_epoch:
+            self._since("other")
+            self._in_epoch = False
 
     def finish(self) -> None:
         self._since("finish")
@@ -122,7 +127,9 @@ def run(kind: str, data: str, epochs: int | None) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default="data/datasets/real", help="a dataset folder (its dataset.yaml)")
     parser.add_argument("--epochs", type=int, default=None, help="instead of train.epochs (and same_steps)")
     args = parser.parse_args()
