@@ -5,9 +5,11 @@ Run from the project root after `dvc repro real_dataset` (needs data/datasets/re
 
 With params.yaml's train.* (train.epochs unless --epochs; seed 0) it trains
 - through the train stage (`train_detector`: scratch folder, exact-resume state, dvclive curves);
-- with bare Ultralytics: `YOLO(train.model).train(data, ...)` with the arguments the stage passes;
-each in a fresh process, and prints for each its wall time and CPU time (children included: the
-data-loading workers), then the time split that Ultralytics' callbacks mark:
+- with bare Ultralytics: `YOLO(train.model).train(data, ...)` with the arguments the stage passes
+  (on the threads Ultralytics chooses: the cores less one);
+each in a fresh process set up as the command line sets one up (params `threads`), and prints
+for each its wall time and CPU time (children included: the data-loading workers), then the time
+split that Ultralytics' callbacks mark:
 - start: process start to the first batch (imports, model build, dataset scan, loaders);
 - step: each batch's forward, loss, backward and optimizer step (on_train_batch_start to _end);
 - data: waiting for the next batch (loading, augmentation, collation: _end to the next _start);
@@ -97,11 +99,15 @@ class Clock:
 
 def train_once(kind: str, data: str, epochs: int | None, started: float) -> dict:
     """In a fresh process: one training, `stage` or `bare`; its clock's totals, wall and CPU time."""
-    from genfusion.integrations.ultralytics import load_yolo
+    from genfusion.cli import use_threads
     from genfusion.params import load_params
+
+    loaded = load_params(Path("params.yaml"))
+    use_threads(loaded.threads)  # as the command line does, before torch is imported
+    from genfusion.integrations.ultralytics import load_yolo
     from genfusion.stages import train
 
-    params = load_params(Path("params.yaml")).train
+    params = loaded.train
     if epochs is not None:
         params = params.model_copy(update={"epochs": epochs, "same_steps": False})
     clock = Clock(started)
@@ -111,8 +117,10 @@ def train_once(kind: str, data: str, epochs: int | None, started: float) -> dict
             train.load_yolo = lambda model: clock.attach(load_yolo(model))
             train.train_detector(data_yaml, Path(scratch) / "detector", Path(scratch) / "live", params, 0)
         else:
+            from ultralytics import YOLO
+
             counts = json.loads((data_yaml.parent / "counts.json").read_text())
-            model = clock.attach(load_yolo(params.model))
+            model = clock.attach(YOLO(params.model))
             model.train(data=str(data_yaml.resolve()), project=scratch, name="bare", exist_ok=True,
                         plots=False, verbose=False, **train.train_args(params, 0, counts))  # fmt: skip
         clock.finish()

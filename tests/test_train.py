@@ -5,6 +5,7 @@ ones)."""
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import killed_genfusion
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -426,3 +428,25 @@ def test_new_pretrained_weights_under_the_same_name_are_a_new_run(workspace: Pat
     assert request_fingerprint(data_yaml, "yolov8n.yaml", args) == request_fingerprint(
         data_yaml, "yolov8n.yaml", args
     )
+
+
+def test_training_validation_and_prediction_compute_on_the_threads_set_before(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """Ultralytics sets torch to the machine's cores less one when it selects a CPU (one thread of
+    two); a model from load_yolo computes on the count set before it was loaded (params `threads`,
+    which the command line applies)."""
+    from genfusion.integrations.ultralytics import load_yolo
+
+    wanted = os.cpu_count() + 1  # never the cores less one
+    torch.set_num_threads(wanted)
+    model = load_yolo("yolov8n.yaml")
+    events = ("on_train_batch_start", "on_val_batch_start", "on_predict_batch_start")
+    seen: dict[str, int] = {}
+    for event in events:
+        model.add_callback(event, lambda _, event=event: seen.setdefault(event, torch.get_num_threads()))
+    data = workspace / "data/datasets/real/dataset.yaml"
+    model.train(data=str(data), epochs=1, imgsz=32, batch=4, workers=0, device="cpu",
+                project=str(tmp_path), name="run", plots=False, verbose=False)  # fmt: skip
+    model.predict(np.zeros((64, 64, 3), dtype=np.uint8), imgsz=32, device="cpu", verbose=False)
+    assert seen == dict.fromkeys(events, wanted)

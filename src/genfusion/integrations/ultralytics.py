@@ -74,9 +74,30 @@ def load_yolo(model: str | Path) -> YOLO:
             " config such as yolov8n.yaml to train from scratch"
         )
     try:
-        return YOLO(name)
+        model = YOLO(name)
     except FileNotFoundError as exc:
         raise GenfusionError(f"train.model: cannot build {name!r}: {exc}") from exc
+    keep_threads(model)
+    return model
+
+
+# Where Ultralytics has just selected its device, which on a CPU sets torch's thread count.
+DEVICE_SELECTED = ("on_pretrain_routine_start", "on_val_start", "on_predict_start")
+
+
+def keep_threads(model: YOLO) -> None:
+    """Train, validate and predict on the threads this process computes on (params `threads`,
+    set by the command line), not on the cores less one that Ultralytics sets when it selects a
+    CPU: one thread on a 2-core machine, one core idle."""
+    import torch
+
+    count = torch.get_num_threads()
+
+    def restore(_) -> None:
+        torch.set_num_threads(count)
+
+    for event in DEVICE_SELECTED:
+        model.add_callback(event, restore)
 
 
 def training_state(trainer: BaseTrainer) -> dict[str, Any]:
