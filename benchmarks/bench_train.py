@@ -104,7 +104,7 @@ def train_once(kind: str, data: str, epochs: int | None, started: float) -> dict
 
     loaded = load_params(Path("params.yaml"))
     use_threads(loaded.threads)  # as the command line does, before torch is imported
-    from genfusion.integrations.ultralytics import load_yolo
+    from genfusion.integrations.ultralytics import configure_offline, load_yolo
     from genfusion.stages import train
 
     params = loaded.train
@@ -117,6 +117,7 @@ def train_once(kind: str, data: str, epochs: int | None, started: float) -> dict
             train.load_yolo = lambda model: clock.attach(load_yolo(model))
             train.train_detector(data_yaml, Path(scratch) / "detector", Path(scratch) / "live", params, 0)
         else:
+            configure_offline()  # offline, Ultralytics' integrations off (its DVC one edits dvc.yaml)
             from ultralytics import YOLO
 
             counts = json.loads((data_yaml.parent / "counts.json").read_text())
