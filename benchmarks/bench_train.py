@@ -39,10 +39,9 @@ class Clock:
     """Ultralytics callbacks that add up where a training's time goes (see the module's doc)."""
 
     def __init__(self, started: float) -> None:
-        self.started = started
         self.totals = dict.fromkeys(PARTS, 0.0)
         self.epochs = 0
-        self._batch_end: float | None = None
+        self._after_batch = False  # since the end of a batch of this epoch
         self._in_epoch = False
         self._mark = started
 
@@ -60,16 +59,15 @@ class Clock:
 
     def on_train_epoch_start(self, trainer) -> None:
         self._since("start" if self.epochs == 0 else "other")
-        self._batch_end = None
+        self._after_batch = False
         self._in_epoch = True
 
     def on_train_batch_start(self, trainer) -> None:
-        self._since("data" if self._batch_end is not None or self.epochs else "start")
-        self._batch_end = None
+        self._since("data" if self._after_batch or self.epochs else "start")
 
     def on_train_batch_end(self, trainer) -> None:
         self._since("step")
-        self._batch_end = self._mark
+        self._after_batch = True
 
     def on_train_epoch_end(self, trainer) -> None:
         self._since("other")
