@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from project import project_repo, run
 from tiny_pipeline import TINY
 
-from genfusion.commands.cross_scene import fold_name, folds_in, run_commands
+from genfusion.commands.cross_scene import fold_name, folds_in, profile_of_folds, run_commands
+from genfusion.errors import GenfusionError
 from genfusion.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +38,24 @@ def test_run_queues_one_fold_per_scene_up_to_the_report(neon_seeds: Path, tmp_pa
     }
     assert all(c[:4] == ["dvc", "exp", "run", "--queue"] for c in commands[:-1])
     assert fold_name("plot 7/a") == "fold-plot-7-a"
+
+
+def test_the_study_profile_sets_every_fold_and_a_sweep_is_refused(tmp_path: Path) -> None:
+    overrides = profile_of_folds(ROOT / "profiles/study.yaml", ROOT / "params.yaml")
+    study = yaml.safe_load((ROOT / "profiles/study.yaml").read_text())["train"]
+    assert overrides == [
+        f"train.variants=[{','.join(study['variants'])}]",
+        f"train.seeds=[{','.join(map(str, study['seeds']))}]",
+    ]
+    params = load_params(ROOT / "params.yaml")
+    # Every variant the default run builds, of which it trains a few.
+    assert set(study["variants"]) == {"real", *params.datasets.variants} > set(params.train.variants)
+    fold = run_commands(params, 1, overrides)[0]
+    assert fold[-1] == "report" and fold[fold.index(overrides[0]) - 1] == "-S"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("sweep:\n  train.epochs: [10, 20]\n")
+    with pytest.raises(GenfusionError, match=r"sweep.yaml: sweep: a fold is one experiment"):
+        profile_of_folds(sweep, ROOT / "params.yaml")
 
 
 @pytest.mark.integration

@@ -4,6 +4,7 @@ once per test session; tests that change the project take a copy of their own.""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 import yaml
 from project import commit, run
 from tiny_pipeline import VARIANTS, TinyRun
+
+from genfusion.scenes import ANNOTATIONS
 
 pytestmark = pytest.mark.integration
 
@@ -112,6 +115,18 @@ def test_a_change_of_seeds_adds_their_stages_and_nothing_else(tiny_project: Path
         "report",
     }
     assert not (repo / f"models/detectors/real-{new}").exists()
+
+
+def test_the_fold_of_the_default_test_scene_reuses_the_default_run(tiny_project: Path) -> None:
+    """`make study` holds out each scene in turn; the default split's test split is one whole
+    scene, and holding that scene out gives the same split, so its fold reruns the seeds stage
+    (a param changed) and nothing after it: every detector of the default run is reused."""
+    repo = tiny_project
+    scenes = json.loads((repo / "data/scenes/test" / ANNOTATIONS).read_text())["images"]
+    assert len(scenes) == 1
+    held_out = Path(scenes[0]["file_name"]).stem
+    out = run(repo, "dvc", "exp", "run", "-S", f"seeds.test_scene={held_out}", "report")
+    assert re.findall(r"Running stage '([^']+)'", out) == ["seeds"], out
 
 
 def test_a_changed_param_touches_only_the_stages_that_read_it(tiny_project: Path) -> None:

@@ -723,13 +723,18 @@ def cross_scene_run(
             "--set", "-S", help="A param of every fold, as `dvc exp run -S` takes it (train.seeds=[0])."
         ),
     ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="A profile's params in every fold, before --set (profiles/study.yaml)."),
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the dvc commands instead of running them.")] = False,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Queue and run one experiment per scene of seeds.source, holding it out as the test split."""
-    from genfusion.commands.cross_scene import run_main
+    from genfusion.commands.cross_scene import profile_of_folds, run_main
 
-    sys.exit(run_main(_params(params_path), jobs=jobs, overrides=set_ or [], dry_run=dry_run))
+    overrides = [*(profile_of_folds(profile, params_path) if profile else []), *(set_ or [])]
+    sys.exit(run_main(_params(params_path), jobs=jobs, overrides=overrides, dry_run=dry_run))
 
 
 @cross_scene_app.command("report")

@@ -25,7 +25,7 @@ from pathlib import Path
 from genfusion import fsio, scoring
 from genfusion.commands.experiments import revisions
 from genfusion.errors import GenfusionError
-from genfusion.params import Params, override_value, parse_params
+from genfusion.params import Params, override_value, parse_params, profile_overrides, read_yaml
 from genfusion.scenes import ANNOTATIONS
 from genfusion.stages.evaluate import model_name
 from genfusion.stages.report import interval_table, markdown_table, per_seed_table
@@ -56,6 +56,17 @@ def run_commands(params: Params, jobs: int, overrides: Sequence[str] = ()) -> li
             ["dvc", "exp", "run", "--queue", "-n", fold_name(scene), *held_out, *common, "report"]
         )
     return [*commands, ["dvc", "exp", "run", "--run-all", "-j", str(jobs)]]
+
+
+def profile_of_folds(profile: Path, params_path: Path) -> list[str]:
+    """A profile's overrides for every fold (`make study`'s profiles/study.yaml). A sweep would
+    make several experiments of one fold, so a profile with one is refused."""
+    profile_data = read_yaml(profile, "profile not found")
+    if isinstance(profile_data, dict) and "sweep" in profile_data:
+        raise GenfusionError(
+            f"{profile}: sweep: a fold is one experiment; give cross-scene a profile without one"
+        )
+    return profile_overrides(profile, params_path)
 
 
 def run_main(params: Params, *, jobs: int, overrides: Sequence[str], dry_run: bool) -> int:
@@ -89,7 +100,9 @@ def folds_in(shown: object) -> list[Fold]:
             rev["summary"],
         )
         for rev in revisions(shown)
-        if rev.get("name") and rev["summary"] and (rev["params"].get("seeds") or {}).get("test_scene")
+        if (rev.get("name") or "").startswith(FOLD_PREFIX)
+        and rev["summary"]
+        and (rev["params"].get("seeds") or {}).get("test_scene")
     ]
 
 
