@@ -33,14 +33,19 @@ def bare(tiles, instances, statistics, settings, names, task, count: int, out: P
     import numpy as np
     from PIL import Image
 
-    from genfusion.stages.composite import label_text, plan, render_composite
+    from genfusion.formats.yolo import label_text
+    from genfusion.placement import plan
+    from genfusion.stages.composite import render_composite
 
     (out / "images").mkdir(parents=True)
     (out / "labels").mkdir()
     start = time.perf_counter()
     for k in range(count):
         tile = tiles[k % len(tiles)]
-        placements = plan(np.random.default_rng(k), tile, instances, statistics, settings)
+        placements = plan(
+            np.random.default_rng(k), tile, instances, statistics, settings,
+            flip=settings.flip, colour_jitter=settings.colour_jitter,
+        )  # fmt: skip
         pixels, labels = render_composite(tile, instances, placements, settings)
         Image.fromarray(pixels).save(out / "images" / f"{k}.png")
         (out / "labels" / f"{k}.txt").write_text(label_text(labels, names, tile.size, task))
@@ -61,7 +66,8 @@ def main() -> None:
     import torch
 
     from genfusion.params import load_params
-    from genfusion.stages.composite import box_statistics, cut_instances, load_tiles, plan, render_composite
+    from genfusion.placement import box_statistics, cut_instances, load_tiles, plan
+    from genfusion.stages.composite import render_composite
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,7 +82,7 @@ def main() -> None:
     params = load_params(ROOT / "params.yaml")
     names, task = params.classes, params.task
     tiles = load_tiles(ROOT / "data/real", names)
-    instances = cut_instances(tiles, params.composite.min_size, task)
+    instances = cut_instances(tiles, params.composite, task)
     statistics = box_statistics(tiles)
     side = max(max(tile.size) for tile in tiles)
     print(
@@ -106,7 +112,15 @@ def main() -> None:
     for density in (0.5, 1.0, 2.0, 4.0):
         settings = params.composite.model_copy(update={"density": density})
         plans = [
-            plan(np.random.default_rng(k), tiles[k % len(tiles)], instances, statistics, settings)
+            plan(
+                np.random.default_rng(k),
+                tiles[k % len(tiles)],
+                instances,
+                statistics,
+                settings,
+                flip=settings.flip,
+                colour_jitter=settings.colour_jitter,
+            )  # fmt: skip
             for k in range(100)
         ]
         start = time.perf_counter()

@@ -33,8 +33,9 @@ def bare(pipe, tiles, settings, names, task, prompt: str, resolution: int, out: 
     from diffusers import StableDiffusionInpaintPipeline
     from PIL import Image
 
-    from genfusion.diffusion.pipelines import use_scheduler
-    from genfusion.stages.composite import box_statistics, cut_instances, label_text
+    from genfusion.diffusion.pipelines import use_scheduler, working_size
+    from genfusion.formats.yolo import label_text
+    from genfusion.placement import box_statistics, cut_instances
     from genfusion.stages.inpaint import (
         draw_layout,
         grown_boxes,
@@ -43,7 +44,6 @@ def bare(pipe, tiles, settings, names, task, prompt: str, resolution: int, out: 
         tile_mask,
         working_mask,
     )
-    from genfusion.stages.variations import working_size
 
     (out / "images").mkdir(parents=True)
     (out / "labels").mkdir()
@@ -51,7 +51,7 @@ def bare(pipe, tiles, settings, names, task, prompt: str, resolution: int, out: 
     inpainter = StableDiffusionInpaintPipeline(**pipe.components, requires_safety_checker=False)
     inpainter.set_progress_bar_config(disable=True)
     use_scheduler(inpainter, settings.scheduler)
-    instances, statistics = cut_instances(tiles, settings.min_size, task), box_statistics(tiles)
+    instances, statistics = cut_instances(tiles, settings, task), box_statistics(tiles)
     work = [
         (
             tile,

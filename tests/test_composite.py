@@ -29,19 +29,16 @@ from genfusion.formats import read_annotations
 from genfusion.formats.yolo import parse_yolo_line
 from genfusion.layout import MANIFEST, Sources
 from genfusion.params import CompositeParams, load_params
-from genfusion.stages.composite import (
-    COMPOSITE_COLUMNS,
+from genfusion.placement import (
     Footprint,
     Instance,
     Placement,
     Tile,
     cut_instances,
     load_tiles,
-    make_composites,
-    render_composite,
     settle_occlusion,
-    transform_polygon,
 )
+from genfusion.stages.composite import COMPOSITE_COLUMNS, make_composites, render_composite, transform_polygon
 from genfusion.stages.datasets import build_dataset
 from genfusion.stages.seeds import run_seeds
 
@@ -507,7 +504,7 @@ def test_a_pasted_outline_enlarged_past_a_pixel_of_margin_is_labelled() -> None:
     tile = Tile(
         "src", Path("src.png"), np.full((48, 48, 3), 200, np.uint8), (polygon_box("tree", outline),), "0" * 64
     )
-    instances = cut_instances([tile], min_size=4, task="segment")
+    instances = cut_instances([tile], CompositeParams(min_size=4), "segment")
     cut = instances[0].mask.shape
     assert cut == (21, 21)
     # Enlarged twice: the outline sits 1.2 px inside the placement.
@@ -660,5 +657,5 @@ def test_the_command_reports_bad_input_as_an_error_line_and_exit_status_2(
     with pytest.raises(SystemExit) as exited:
         cli_main()
     assert exited.value.code == 2
-    assert re.search(r"error: composite: .*real/images/train holds no train tiles", capsys.readouterr().err)
+    assert re.search(r"error: .*real/images/train holds no train tiles", capsys.readouterr().err)
     assert nothing_written(out)

@@ -25,11 +25,12 @@ from genfusion.diffusion.pipelines import (
 )
 from genfusion.errors import GenfusionError
 from genfusion.formats import read_annotations
+from genfusion.formats.yolo import label_text
 from genfusion.layout import MANIFEST
 from genfusion.params import InpaintParams, Params, load_params, parse_params
+from genfusion.placement import Tile, load_tiles
 from genfusion.stages import inpaint as inpaint_stage
 from genfusion.stages.base_model import save_builtin
-from genfusion.stages.composite import Tile, label_text, load_tiles
 from genfusion.stages.inpaint import (
     INPAINT_COLUMNS,
     layout_labels,

@@ -27,8 +27,9 @@ from genfusion.formats import read_annotations
 from genfusion.layout import DATASET_YAML, MANIFEST, Sources
 from genfusion.manifest import write_manifest
 from genfusion.params import FilterParams, PrelabelParams, parse_params
+from genfusion.placement import load_tiles
 from genfusion.stages import quality_filter
-from genfusion.stages.composite import COMPOSITE_COLUMNS, load_tiles, make_composites
+from genfusion.stages.composite import COMPOSITE_COLUMNS, make_composites
 from genfusion.stages.datasets import build_dataset
 from genfusion.stages.seeds import run_seeds
 

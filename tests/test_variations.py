@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from genfusion.diffusion.pipelines import build_tiny_pipeline, load_generator
+from genfusion.diffusion.pipelines import build_tiny_pipeline, load_generator, working_size
 from genfusion.errors import GenfusionError
 from genfusion.formats import read_annotations
 from genfusion.layout import MANIFEST
@@ -17,7 +17,7 @@ from genfusion.params import VariationsParams, load_params, parse_params
 from genfusion.stages import variations as variations_stage
 from genfusion.stages.base_model import save_builtin
 from genfusion.stages.seeds import run_seeds
-from genfusion.stages.variations import make_variations, source_pairs, working_size
+from genfusion.stages.variations import make_variations, source_pairs
 
 TORCH_THREADS = 2  # this module's torch threads (conftest.module_state)
 ROOT = Path(__file__).resolve().parents[1]

@@ -70,6 +70,13 @@ class Box:
         )
 
 
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes (0 when both are empty)."""
+    inter = a.intersect(b.x0, b.y0, b.x1, b.y1).area
+    union = a.area + b.area - inter
+    return inter / union if union > 0 else 0.0
+
+
 def polygon_box(label: str, polygon: Sequence[Point]) -> Box:
     """The object an outline describes: its bounds, and the outline."""
     xs, ys = [x for x, _ in polygon], [y for _, y in polygon]

@@ -16,7 +16,7 @@ import math
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -283,6 +283,8 @@ class LayoutParams(Section):
     """What composite and inpaint share: how many objects go on each real train tile, where, at
     what size, and which labels the later ones hide."""
 
+    # The params.yaml section of a subclass, which the shared code names in its errors.
+    section: ClassVar[str]
     per_image: NonNegativeInt = 4
     density: Annotated[float, Field(gt=0)] = 0.5
     scale: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.8, 1.25)
@@ -299,6 +301,7 @@ class LayoutParams(Section):
 
 
 class CompositeParams(LayoutParams):
+    section: ClassVar[str] = "composite"
     flip: bool = True
     colour_jitter: Annotated[float, Field(ge=0, lt=1)] = 0.1
     blend: Literal["gaussian", "poisson"] = "gaussian"
@@ -307,6 +310,7 @@ class CompositeParams(LayoutParams):
 
 
 class InpaintParams(LayoutParams):
+    section: ClassVar[str] = "inpaint"
     mask_grow: NonNegativeInt = 2
     strength: Annotated[float, Field(gt=0, le=1)] = 0.9
     guidance: Annotated[float, Field(ge=0)] = 2.0

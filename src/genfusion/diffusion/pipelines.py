@@ -433,6 +433,13 @@ def check_resolution(resolution: int) -> None:
         )
 
 
+def working_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """An image's size scaled so its longer side is `resolution`, each side a multiple of 8: the
+    size the model works at on it (img2img variations, inpainting)."""
+    scale = resolution / max(size)
+    return tuple(max(8, round(side * scale / 8) * 8) for side in size)
+
+
 def process_state(device: str) -> PartialState:
     """This process's place among the stage's processes (`diffusion.processes`, or a `torchrun`
     / `accelerate launch` of the stage): a CPU run joins the group over gloo."""

@@ -171,3 +171,8 @@ def read_label_file(label: Path, names: Sequence[str], size: tuple[int, int]) ->
         except ValueError as err:
             raise GenfusionError(f"{label}: line {number}: bad YOLO line {line.strip()!r}: {err}") from err
     return boxes
+
+
+def label_text(boxes: Sequence[Box], names: Sequence[str], size: tuple[int, int], task: str) -> str:
+    """A YOLO label file's text: one `yolo_line` per box, in order."""
+    return "".join(yolo_line(box, names.index(box.label), *size, task) + "\n" for box in boxes)

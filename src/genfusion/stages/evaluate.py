@@ -20,12 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from genfusion import fsio, layout, scoring
-from genfusion.errors import GenfusionError
-from genfusion.integrations.ultralytics import load_yolo
 from genfusion.params import Params, TrainParams
-from genfusion.prediction import check_slicing, predict_scene
-from genfusion.scene_images import open_scene
-from genfusion.scenes import SceneSet, read_scene_set
+from genfusion.scene_detection import detect_scenes, load_detector
+from genfusion.scenes import read_scene_set
 
 
 def model_name(model: str) -> str:
@@ -40,39 +37,6 @@ def pr_curve_csv(curve: np.ndarray) -> str:
     rows.writerow(["recall", "precision"])
     rows.writerows((f"{r:.2f}", f"{p:.5f}") for r, p in zip(scoring.RECALL_POINTS, curve, strict=True))
     return text.getvalue()
-
-
-def load_detector(weights: Path):
-    if not weights.is_file():
-        raise GenfusionError(f"{weights}: trained weights not found; run the train stage first")
-    return load_yolo(weights)
-
-
-def detect_scenes(weights: Path, scenes: SceneSet, params: Params) -> list[dict]:
-    """The detector's boxes on every scene of the set, as COCO results (category id = class + 1)."""
-    model = load_detector(weights)
-    check_slicing(model, weights, params.predict)
-    results = []
-    for entry in scenes.images:
-        scene = open_scene(scenes.image(entry), None)  # the project's own copy: no limit
-        try:
-            found = predict_scene(
-                model, scene, params.predict, conf=params.evaluate.conf, iou=params.evaluate.iou,
-                imgsz=params.train.imgsz, device=params.train.device,
-            )  # fmt: skip
-        finally:
-            scene.close()
-        for box, score, class_index in zip(found.boxes, found.scores, found.classes, strict=True):
-            x0, y0, x1, y1 = (round(float(v), 2) for v in box)
-            results.append(
-                {
-                    "image_id": entry["id"],
-                    "category_id": int(class_index) + 1,
-                    "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)],
-                    "score": round(float(score), 5),
-                }
-            )
-    return results
 
 
 def tile_metrics(weights: Path, data_yaml: Path, train_params: TrainParams, params: Params) -> dict:

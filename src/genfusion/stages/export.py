@@ -16,8 +16,8 @@ from pathlib import Path
 from genfusion import fsio, scoring
 from genfusion.errors import GenfusionError
 from genfusion.params import Params
+from genfusion.scene_detection import detect_scenes, load_detector
 from genfusion.scenes import read_scene_set
-from genfusion.stages.evaluate import detect_scenes, load_detector
 
 # The largest AP difference (AP50 or AP@0.5:0.95) between the ONNX and the PyTorch model accepted.
 PARITY_TOLERANCE = 0.005

@@ -3,7 +3,7 @@
 Image j of the s-th real train tile (in file-name order) takes that tile as background, with its
 own labels, and uses seed `inpaint.seed + s * per_image + j` for its layout and its noise:
 
-- the layout: boxes drawn by composite's `plan` (one layout model for both variants): how many
+- the layout: boxes drawn by the placement plan composite also uses (`genfusion.placement`): how many
   is `inpaint.density` times the box count of a real train tile drawn at random (at least one);
   each box has the size of a real box at least `inpaint.min_size` px on each side (times a factor
   drawn from `inpaint.scale`, width and height swapped at random with `inpaint.rotate`) and the
@@ -29,7 +29,7 @@ white on black at the working size (a ControlNet trained on such maps puts one o
 Labels: the tile's own objects, then the layout boxes in layout order. Each is covered by the
 repainted areas (grown boxes) of the layout boxes after it: one more than
 `inpaint.max_occlusion` covered is removed, a partly covered box shrinks to its uncovered part
-(composite's `settle_occlusion`; an outline is kept as it is). They are right by construction as
+(`placement.settle_occlusion`; an outline is kept as it is). They are right by construction as
 far as the model paints one object filling each box: without a layout ControlNet nothing but the
 prompt and the box's size asks it to.
 
@@ -60,19 +60,12 @@ from genfusion.diffusion.pipelines import (
     pixel_settings,
     use_scheduler,
     weights_fingerprint,
+    working_size,
 )
 from genfusion.errors import GenfusionError
+from genfusion.formats.yolo import label_text
 from genfusion.jobs import ImageJob, run_jobs
-from genfusion.stages.composite import (
-    Tile,
-    box_statistics,
-    cut_instances,
-    label_text,
-    load_tiles,
-    plan,
-    settle_occlusion,
-)
-from genfusion.stages.variations import working_size
+from genfusion.placement import Tile, box_statistics, cut_instances, load_tiles, plan, settle_occlusion
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -116,22 +109,12 @@ CHECKPOINT_CLASSES = {
 }
 
 
-def layout_settings(settings: InpaintParams):
-    """composite's params for `plan`: the inpaint layout's count, sizes and turns; no mirror or
-    colour (a layout box has none)."""
-    from genfusion.params import CompositeParams
-
-    return CompositeParams(
-        density=settings.density, scale=settings.scale, rotate=settings.rotate, flip=False, colour_jitter=0.0
-    )
-
-
 def draw_layout(
     rng: np.random.Generator, tile: Tile, instances, statistics, settings: InpaintParams, task: str
 ) -> list[Box]:
     """The layout boxes of one image, in tile pixels, each with the class of the real box whose
     size it took (its outline is the box, for `segment`)."""
-    placements = plan(rng, tile, instances, statistics, layout_settings(settings), "inpaint")
+    placements = plan(rng, tile, instances, statistics, settings)
     boxes = [Box(instances[p.instance].label, p.x, p.y, p.x + p.width, p.y + p.height) for p in placements]
     return [replace(box, polygon=box.corners) for box in boxes] if task == "segment" else boxes
 
@@ -189,7 +172,7 @@ def layout_labels(
     tile: Tile, boxes: Sequence[Box], grown: Sequence[tuple[int, int, int, int]], max_occlusion: float
 ) -> list[Box]:
     """The tile's objects then the layout boxes, each covered by the repainted areas of the
-    layout boxes after it (composite's `settle_occlusion`)."""
+    layout boxes after it (`placement.settle_occlusion`)."""
     order = np.zeros((tile.size[1], tile.size[0]), np.int32)
     for k, (x0, y0, x1, y1) in enumerate(grown):
         order[y0:y1, x0:x1] = len(tile.boxes) + k + 1
@@ -353,8 +336,8 @@ def make_inpaintings(
     use_scheduler(inpainter, settings.scheduler)
     pixels = pixel_settings(pipe)
     cell = pipe.vae_scale_factor
-    statistics = box_statistics(tiles, "inpaint")
-    instances = cut_instances(tiles, settings.min_size, task, "inpaint")
+    statistics = box_statistics(tiles)
+    instances = cut_instances(tiles, settings, task)
 
     specs: dict[str, tuple[Tile, list[Box]]] = {}
     jobs = []
@@ -496,7 +479,7 @@ def main(
     recorded = read_finetune(finetuned) if finetuned is not None else {}
     values |= {key: recorded[key] for key in ("instance_prompt", "class_prompt") if key in recorded}
     prompt = render_prompt(request.prompt, "inpaint.prompt", **values)
-    tiles = load_tiles(real, params.classes, "inpaint")
+    tiles = load_tiles(real, params.classes)
     state = process_state(diffusion.device)
     fingerprint = model_fingerprint(base, finetuned)
     if request.checkpoint is None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from genfusion import fsio, layout
-from genfusion.boxes import Box
+from genfusion.boxes import Box, iou
 from genfusion.errors import GenfusionError
 from genfusion.formats.yolo import read_label_file
 from genfusion.images import read_header
@@ -28,12 +28,6 @@ if TYPE_CHECKING:
     from genfusion.params import Params
 
 IOU = 0.5
-
-
-def iou(a: Box, b: Box) -> float:
-    inter = a.intersect(b.x0, b.y0, b.x1, b.y1).area
-    union = a.area + b.area - inter
-    return inter / union if union > 0 else 0.0
 
 
 def match(predicted: Sequence[Box], scores: Sequence[float], truth: Sequence[Box]) -> int:

@@ -45,10 +45,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from genfusion import fsio, layout
-from genfusion.boxes import Box
+from genfusion.boxes import Box, iou
 from genfusion.errors import GenfusionError
 from genfusion.layout import MANIFEST
-from genfusion.stages.label_quality import iou
 
 if TYPE_CHECKING:
     from genfusion.params import FilterParams, Params, PrelabelParams

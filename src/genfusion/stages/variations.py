@@ -23,6 +23,7 @@ from genfusion.diffusion.pipelines import (
     memory_guard,
     pixel_settings,
     use_scheduler,
+    working_size,
 )
 from genfusion.errors import GenfusionError
 from genfusion.images import open_image, read_header, to_rgb
@@ -54,12 +55,6 @@ VARIATION_COLUMNS = (
     "device",
     "attention_slicing",
 )
-
-
-def working_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
-    """The tile's size scaled so its longer side is `resolution`, each side a multiple of 8."""
-    scale = resolution / max(size)
-    return tuple(max(8, round(side * scale / 8) * 8) for side in size)
 
 
 def source_pairs(real: Path) -> list[tuple[Path, Path]]:
