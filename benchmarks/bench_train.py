@@ -97,7 +97,7 @@ class Clock:
 
 def train_once(kind: str, data: str, epochs: int | None, started: float) -> dict:
     """In a fresh process: one training, `stage` or `bare`; its clock's totals, wall and CPU time."""
-    from genfusion.cli import use_threads
+    from genfusion.launch import use_threads
     from genfusion.params import load_params
 
     loaded = load_params(Path("params.yaml"))

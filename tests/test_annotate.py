@@ -189,7 +189,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         "deps": ["data/annotations"],
         "outs": ["listing.txt"],
     }
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"listing": stage}}))
+    # The project's folders (`vars: paths`), where the commands outside a stage look for theirs.
+    folders = yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"]
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"vars": folders, "stages": {"listing": stage}}))
     run(root, "git", "init", "-q", "-b", "main")
     run(root, "dvc", "init", "-q")
     commit(root, "init")

@@ -22,11 +22,12 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from genfusion.boxes import Box, polygon_box
-from genfusion.cli import THREAD_VARS, app
+from genfusion.cli import app
 from genfusion.cli import main as cli_main
 from genfusion.errors import GenfusionError
 from genfusion.formats import read_annotations
 from genfusion.formats.yolo import parse_yolo_line
+from genfusion.launch import THREAD_VARS
 from genfusion.layout import MANIFEST, Sources
 from genfusion.params import CompositeParams, load_params
 from genfusion.placement import (

@@ -21,11 +21,13 @@ from dvc.repo import Repo
 from dvc.stage import PipelineStage
 from tiny_pipeline import TinyRun
 
-# Infrastructure that every stage imports: the command line, params parsing, errors, progress bars
-# and atomic writes. None of it decides what a stage computes (params values are checked as keys),
-# and declaring it would rerun the whole pipeline on any edit of the command line's help text.
+# Infrastructure that every stage imports: the command line, how it starts (threads, torchrun),
+# params parsing, errors, progress bars and atomic writes. None of it decides what a stage computes
+# (params values are checked as keys), and declaring it would rerun the whole pipeline on any edit
+# of the command line's help text.
 SHARED_MODULES = (
     "src/genfusion/cli.py",
+    "src/genfusion/launch.py",
     "src/genfusion/params.py",
     "src/genfusion/errors.py",
     "src/genfusion/progress.py",

@@ -87,7 +87,7 @@ def threads_seen(threads: int | None, cpus: set[int] | None = None) -> list[str]
     script = textwrap.dedent(
         f"""
         import os
-        from genfusion.cli import use_threads
+        from genfusion.launch import use_threads
         use_threads({threads!r})
         import torch
         print(torch.get_num_threads(), os.environ["OMP_NUM_THREADS"])

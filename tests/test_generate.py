@@ -181,7 +181,7 @@ def test_killed_run_resumes_to_the_same_files(base_dir: Path, tmp_path: Path) ->
     out = tmp_path / "killed"
     # Killed as soon as the third image (the first of the second batch) is written.
     command = [*killed_genfusion.command("after", "genfusion.fsio.write_png", 3), "generate", "canopy"]
-    command += ["--base", str(base_dir), "--out", str(out), "--params", str(params)]
+    command += ["--base", str(base_dir), "--real", str(tmp_path), "--out", str(out), "--params", str(params)]
     killed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     made = sorted(p.name for p in (out / "images").glob("*.png"))

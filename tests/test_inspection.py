@@ -121,10 +121,28 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return inspect_project(tmp_path_factory.mktemp("inspect"))
 
 
+# The inspect stage's folders, as dvc.yaml passes them.
+FOLDERS = [
+    *("--real", "data/real", "--generated", "data/generated", "--prelabels", "data/prelabels"),
+    *("--annotations", "data/annotations", "--variations", "data/variations"),
+    *("--composites", "data/composites", "--filtered", "data/filtered", "--detectors", "models/detectors"),
+]
+BUILD = [
+    *CLI,
+    "inspect",
+    "build",
+    *FOLDERS,
+    "--figure",
+    "reports/distribution.png",
+    "--params",
+    "params.yaml",
+]
+
+
 def build(root: Path) -> subprocess.CompletedProcess:
     """The stage, in its own process: FiftyOne's database settings are per process."""
     return subprocess.run(
-        [*CLI, "inspect", "build", "--params", "params.yaml"], cwd=root, capture_output=True, text=True
+        [*BUILD, "--metrics", "metrics/distribution.json"], cwd=root, capture_output=True, text=True
     )
 
 
@@ -225,7 +243,7 @@ def test_a_database_that_cannot_start_is_a_clear_error(project: Path, tmp_path: 
     blocker.write_text("a file where the database folder should be\n")
     env = os.environ | {"FIFTYONE_DATABASE_DIR": str(blocker)}
     done = subprocess.run(
-        [*CLI, "inspect", "build", "--params", "params.yaml", "--metrics", str(tmp_path / "m.json")],
+        [*BUILD, "--metrics", str(tmp_path / "m.json")],
         cwd=project,
         capture_output=True,
         text=True,

@@ -21,11 +21,10 @@ import yaml
 from project import commit, project_repo
 from project import run as repo_run
 
-from genfusion.cli import check_pretrained_weights
 from genfusion.formats import read_annotations
 from genfusion.integrations.ultralytics import configure_offline, continue_shuffling
 from genfusion.layout import Sources
-from genfusion.params import load_params
+from genfusion.params import check_pretrained_weights, load_params
 from genfusion.stages.datasets import build_dataset
 from genfusion.stages.seeds import run_seeds
 from genfusion.stages.train import checkpoint_epoch, request_fingerprint

@@ -32,6 +32,7 @@ PrelabelsOpt = Annotated[Path, typer.Option(help="Automatic labels, a folder per
 AnnotationsOpt = Annotated[Path, typer.Option(help="People's labels, a folder per subject.")]
 CompositesOpt = Annotated[Path, typer.Option(help="Copy-paste composites written by `composite`.")]
 FilteredOpt = Annotated[Path, typer.Option(help="The quality filter's choices, a folder per set.")]
+VariationsOpt = Annotated[Path, typer.Option(help="Variations written by `variations`.")]
 
 
 def _debug() -> bool:
@@ -61,6 +62,7 @@ def _setup(
 
 def _params(path: Path):
     """params.yaml, checked whole: a typo anywhere is caught by the first stage that runs."""
+    from genfusion.launch import use_threads
     from genfusion.params import load_params
 
     params = load_params(path)
@@ -68,60 +70,11 @@ def _params(path: Path):
     return params
 
 
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+def _relaunched(params) -> bool:
+    """True when this command has just run as `diffusion.processes` processes (torchrun)."""
+    from genfusion.launch import relaunch_as_processes
 
-
-def use_threads(threads: int | None) -> int:
-    """Compute on `threads` cores (params `threads`), by default the cores this process may run on
-    (its CPU set, not every core of the machine): libraries that size their pools from the machine
-    oversubscribe a shared one, and then run many times slower. Set before torch is imported, the
-    variables size its pool and OpenMP's; child processes inherit them."""
-    # Processes of one stage on one machine (`diffusion.processes`, torchrun) share its cores.
-    count = threads or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    for name in THREAD_VARS:
-        os.environ[name] = str(count)
-    if "torch" in sys.modules:  # imported already (a test): resize its pool
-        sys.modules["torch"].set_num_threads(count)
-    logging.getLogger(__name__).debug("computing on %d threads", count)
-    return count
-
-
-def _launched(params) -> bool:
-    """Run this command again as `diffusion.processes` processes on this machine (torch's elastic
-    launcher, what `torchrun --standalone` runs) when it asks for more than one and is not one of
-    them already; True when they ran it."""
-    processes = params.diffusion.processes
-    if processes == 1 or "LOCAL_RANK" in os.environ:
-        return False
-    import uuid
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    # The launcher's own progress notes are noise here; a failure is reported below.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    logging.getLogger(__name__).info("running on %d processes (torchrun)", processes)
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=processes,
-        run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        max_restarts=0,
-    )
-    try:
-        elastic_launch(config, sys.executable)("-m", "genfusion.cli", *sys.argv[1:])
-    except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        if failure.exitcode != 2:  # 2: a GenfusionError, which that process has said
-            typer.secho(
-                f"error: process {rank} of {processes} failed (exit code {failure.exitcode})",
-                fg=typer.colors.RED,
-                err=True,
-            )
-        raise typer.Exit(2) from exc
-    return True
+    return relaunch_as_processes(params.diffusion.processes)
 
 
 @app.command()
@@ -134,9 +87,9 @@ def params(params_path: ParamsOpt = Path("params.yaml")) -> None:
 
 @app.command()
 def seeds(
-    out: Annotated[Path, typer.Option(help="Output YOLO dataset folder.")] = Path("data/real"),
-    scenes: Annotated[Path, typer.Option(help="The test split's scenes, whole.")] = Path("data/scenes/test"),
-    report: Annotated[Path, typer.Option(help="Import report (JSON metric).")] = Path("metrics/import.json"),
+    out: Annotated[Path, typer.Option(help="Output YOLO dataset folder.")],
+    scenes: Annotated[Path, typer.Option(help="The test split's scenes, whole.")],
+    report: Annotated[Path, typer.Option(help="Import report (JSON metric).")],
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Import, normalise, tile and split the real seed images (source: seeds.source)."""
@@ -152,18 +105,14 @@ def datasets(
         typer.Argument(help="Dataset variant: real, synthetic, mixed, variations, composite or inpaint."),
     ],
     out: Annotated[Path, typer.Option(help="Output folder for this variant.")],
-    real: RealOpt = Path("data/real"),
-    generated: GeneratedOpt = Path("data/generated"),
-    prelabels: PrelabelsOpt = Path("data/prelabels"),
-    annotations: AnnotationsOpt = Path("data/annotations"),
-    variations: Annotated[Path, typer.Option(help="Variations written by `variations`.")] = Path(
-        "data/variations"
-    ),
-    composites: CompositesOpt = Path("data/composites"),
-    inpainted: Annotated[
-        Path, typer.Option(help="Images written by `inpaint`, a folder per subject.")
-    ] = Path("data/inpainted"),
-    filtered: FilteredOpt = Path("data/filtered"),
+    real: RealOpt,
+    generated: GeneratedOpt,
+    prelabels: PrelabelsOpt,
+    annotations: AnnotationsOpt,
+    variations: VariationsOpt,
+    composites: CompositesOpt,
+    inpainted: Annotated[Path, typer.Option(help="Images written by `inpaint`, a folder per subject.")],
+    filtered: FilteredOpt,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Write the YOLO dataset a detector variant trains on (params: labels, datasets)."""
@@ -171,11 +120,11 @@ def datasets(
     from genfusion.stages.datasets import main
 
     sources = Sources(
-        real,
-        generated,
-        prelabels,
-        annotations,
-        variations,
+        real=real,
+        generated=generated,
+        prelabels=prelabels,
+        annotations=annotations,
+        variations=variations,
         composites=composites,
         inpainted=inpainted,
         filtered=filtered,
@@ -197,6 +146,7 @@ def train(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Train one YOLO detector (params: train.*)."""
+    from genfusion.params import check_pretrained_weights
     from genfusion.stages.train import main
 
     settings = _params(params_path)
@@ -208,27 +158,6 @@ def train(
             " (`dvc repro` trains each train.init_from variant before its two-phase row)"
         )
     main(settings, data=data, seed=seed, out=out, live=live, init=init)
-
-
-# The train stages' DVC dependency (dvc.yaml, paths.pretrained), relative to the project folder.
-PRETRAINED = Path("models/pretrained")
-
-
-def check_pretrained_weights(model: str, project: Path | None = None) -> None:
-    """Refuse `train.model` weights (a .pt) outside `models/pretrained/` of `project` (default: the
-    working directory, where DVC runs the stage): the train stages depend on that folder, so
-    weights elsewhere could change without DVC retraining the detectors."""
-    if not model.endswith(".pt"):
-        return
-    project = Path.cwd() if project is None else Path(project)
-    folder = (project / PRETRAINED).resolve()
-    # The file's folder, not the file: with DVC's symlink cache the file links into .dvc/cache.
-    if not (project / model).parent.resolve().is_relative_to(folder):
-        raise GenfusionError(
-            f"train.model: weights file {model!r} is outside {PRETRAINED}/, the folder the train stages"
-            f" depend on, so DVC would not retrain when it changes; copy it into {PRETRAINED}/,"
-            f" `dvc add {PRETRAINED}/{Path(model).name}` and set train.model to that path"
-        )
 
 
 ScenesOpt = Annotated[Path, typer.Option(help="Scene set folder (images/ and annotations.json).")]
@@ -273,15 +202,13 @@ def test_set(
 
 @app.command()
 def report(
-    eval_dir: Annotated[Path, typer.Option(help="Folder of evaluate's metrics.")] = Path("metrics/eval"),
-    pr_dir: Annotated[Path, typer.Option(help="Folder of evaluate's PR curves.")] = Path("metrics/pr"),
-    predictions: Annotated[Path, typer.Option(help="Folder of evaluate's detections.")] = Path(
-        "data/predictions"
-    ),
-    scenes: Annotated[Path, typer.Option(help="Folder of the scene sets.")] = Path("data/scenes"),
-    summary: Annotated[Path, typer.Option(help="Summary JSON to write.")] = Path("metrics/summary.json"),
-    markdown: Annotated[Path, typer.Option(help="Markdown table to write.")] = Path("reports/summary.md"),
-    figures: Annotated[Path, typer.Option(help="Folder for the figures (PNG).")] = Path("reports"),
+    eval_dir: Annotated[Path, typer.Option(help="Folder of evaluate's metrics.")],
+    pr_dir: Annotated[Path, typer.Option(help="Folder of evaluate's PR curves.")],
+    predictions: Annotated[Path, typer.Option(help="Folder of evaluate's detections.")],
+    scenes: Annotated[Path, typer.Option(help="Folder of the scene sets.")],
+    summary: Annotated[Path, typer.Option(help="Summary JSON to write.")],
+    markdown: Annotated[Path, typer.Option(help="Markdown table to write.")],
+    figures: Annotated[Path, typer.Option(help="Folder for the figures (PNG).")],
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Every detector on every test set: AP with bootstrap intervals, paired differences to
@@ -356,11 +283,11 @@ BaseOpt = Annotated[Path, typer.Option(help="Base model folder from `base-model`
 
 @app.command("base-model")
 def base_model(
-    real: RealOpt = Path("data/real"),
-    out: Annotated[Path, typer.Option(help="Output folder for the base model.")] = Path("models/base"),
+    real: RealOpt,
+    out: Annotated[Path, typer.Option(help="Output folder for the base model.")],
     checkpoints: Annotated[
         Path, typer.Option(help="Folder of local checkpoints (the stage's DVC dependency).")
-    ] = Path("models/checkpoints"),
+    ],
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Pretrain the builtin tiny Stable Diffusion, or check and record an external one (diffusion.*)."""
@@ -373,34 +300,32 @@ def base_model(
 def generate(
     subject: Annotated[str, typer.Argument(help="Subject name, used in file names and prompt templates.")],
     out: Annotated[Path, typer.Option(help="Output folder (images/, manifest.csv).")],
-    base: BaseOpt = Path("models/base"),
+    base: BaseOpt,
+    real: RealOpt,
     finetuned: FinetunedOpt = None,
-    real: RealOpt = Path("data/real"),
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Text-to-image with a subject's generator; keeps images already made (generate.*)."""
     from genfusion.stages.generate import main
 
     settings = _params(params_path)
-    if not _launched(settings):
+    if not _relaunched(settings):
         main(settings, subject=subject, base=base, finetuned=finetuned, real=real, out=out)
 
 
 @app.command()
 def variations(
-    out: Annotated[Path, typer.Option(help="Output folder (images/, labels/, manifest.csv).")] = Path(
-        "data/variations"
-    ),
-    base: BaseOpt = Path("models/base"),
+    out: Annotated[Path, typer.Option(help="Output folder (images/, labels/, manifest.csv).")],
+    base: BaseOpt,
+    real: RealOpt,
     finetuned: FinetunedOpt = None,
-    real: RealOpt = Path("data/real"),
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """img2img variations of every real train tile, boxes carried over (variations.*)."""
     from genfusion.stages.variations import main
 
     settings = _params(params_path)
-    if not _launched(settings):
+    if not _relaunched(settings):
         main(settings, base=base, finetuned=finetuned, real=real, out=out)
 
 
@@ -408,12 +333,12 @@ def variations(
 def inpaint(
     subject: Annotated[str, typer.Argument(help="Subject whose generator paints the objects.")],
     out: Annotated[Path, typer.Option(help="Output folder (images/, labels/, manifest.csv).")],
-    base: BaseOpt = Path("models/base"),
-    finetuned: FinetunedOpt = None,
-    real: RealOpt = Path("data/real"),
+    base: BaseOpt,
+    real: RealOpt,
     checkpoints: Annotated[
         Path, typer.Option(help="Where inpaint.checkpoint and inpaint.controlnet must be (DVC tracks it).")
-    ] = Path("models/checkpoints"),
+    ],
+    finetuned: FinetunedOpt = None,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Objects inpainted into layouts drawn on the real train tiles, labels known by construction
@@ -421,7 +346,7 @@ def inpaint(
     from genfusion.stages.inpaint import main
 
     settings = _params(params_path)
-    if not _launched(settings):
+    if not _relaunched(settings):
         main(
             settings,
             subject=subject,
@@ -441,7 +366,7 @@ def filter_set(
     out: Annotated[Path, typer.Option(help="Output folder (manifest.csv, summary.json).")],
     images: Annotated[Path, typer.Option("--set", help="The set's folder (the value of filter.sets).")],
     weights: Annotated[Path, typer.Option(help="The real detector's weights.")],
-    real: RealOpt = Path("data/real"),
+    real: RealOpt,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Score a set whose labels are known by construction and keep its best filter.keep share."""
@@ -459,10 +384,8 @@ def filter_set(
 
 @app.command()
 def composite(
-    out: Annotated[Path, typer.Option(help="Output folder (images/, labels/, manifest.csv).")] = Path(
-        "data/composites"
-    ),
-    real: RealOpt = Path("data/real"),
+    out: Annotated[Path, typer.Option(help="Output folder (images/, labels/, manifest.csv).")],
+    real: RealOpt,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Copy-paste composites of the real train tiles, labels known by construction (composite.*)."""
@@ -475,14 +398,14 @@ def composite(
 def class_images(
     subject: Annotated[str, typer.Argument(help="Subject name (a key of `subjects` in params).")],
     out: Annotated[Path, typer.Option(help="Output folder (images/, manifest.csv).")],
-    base: BaseOpt = Path("models/base"),
+    base: BaseOpt,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Prior-preservation images of a subject's class prompt, made by the base model."""
     from genfusion.stages.class_images import main
 
     settings = _params(params_path)
-    if not _launched(settings):
+    if not _relaunched(settings):
         main(settings, subject=subject, base=base, out=out)
 
 
@@ -492,24 +415,24 @@ def finetune(
     out: Annotated[Path, typer.Option(help="Output folder for the fine-tuned weights.")],
     live: Annotated[Path, typer.Option(help="dvclive folder for the loss curve.")],
     class_images: Annotated[Path, typer.Option(help="Folder from `class-images`.")],
-    base: BaseOpt = Path("models/base"),
-    real: RealOpt = Path("data/real"),
+    base: BaseOpt,
+    real: RealOpt,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """DreamBooth fine-tuning of one subject, LoRA or full UNet (finetune.*, subjects.*)."""
     from genfusion.stages.finetune import main
 
     settings = _params(params_path)
-    if not _launched(settings):
+    if not _relaunched(settings):
         main(settings, subject=subject, base=base, real=real, class_images=class_images, out=out, live=live)
 
 
 @app.command()
 def gallery(
-    generated: Annotated[Path, typer.Option(help="Folder of generated subjects.")] = Path("data/generated"),
-    real: RealOpt = Path("data/real"),
-    variations: Annotated[Path, typer.Option(help="Variations folder.")] = Path("data/variations"),
-    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("reports/gallery.png"),
+    generated: GeneratedOpt,
+    real: RealOpt,
+    variations: VariationsOpt,
+    out: Annotated[Path, typer.Option(help="PNG to write.")],
 ) -> None:
     """A picture of real tiles beside their variations and each subject's generated images."""
     from genfusion.stages.gallery import main
@@ -518,15 +441,8 @@ def gallery(
 
 
 RealDetectorOpt = Annotated[
-    Path | None,
-    typer.Option(help="Detector weights (default: the real detector of prelabel.seed, train@real-<seed>)."),
+    Path, typer.Option(help="The real detector of prelabel.seed (train@real-<seed>): its best.pt.")
 ]
-
-
-def real_detector(params) -> Path:
-    from genfusion.layout import detector_weights
-
-    return detector_weights(Path("models/detectors"), f"real-{params.prelabel.seed}")
 
 
 @app.command()
@@ -534,38 +450,35 @@ def prelabel(
     subject: Annotated[str, typer.Argument(help="Subject name (a key of `subjects` in params).")],
     generated: Annotated[Path, typer.Option(help="The subject's generated folder (images/, attention/).")],
     out: Annotated[Path, typer.Option(help="Output folder (labels/, masks/, manifest.csv).")],
-    weights: RealDetectorOpt = None,
+    weights: RealDetectorOpt,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Automatic labels for generated images: attention maps or a detector (prelabel.*)."""
     from genfusion.stages.prelabel import main
 
-    params = _params(params_path)
-    weights = weights or real_detector(params)
-    main(params, subject=subject, generated=generated, weights=weights, out=out)
+    main(_params(params_path), subject=subject, generated=generated, weights=weights, out=out)
 
 
 @app.command("label-quality")
 def label_quality(
-    out: Annotated[Path, typer.Option(help="Metrics JSON to write.")] = Path("metrics/labels.json"),
-    prelabels: PrelabelsOpt = Path("data/prelabels"),
-    annotations: AnnotationsOpt = Path("data/annotations"),
-    generated: GeneratedOpt = Path("data/generated"),
-    real: RealOpt = Path("data/real"),
-    weights: RealDetectorOpt = None,
+    out: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
+    prelabels: PrelabelsOpt,
+    annotations: AnnotationsOpt,
+    generated: GeneratedOpt,
+    real: RealOpt,
+    weights: RealDetectorOpt,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Precision and recall of the automatic labels against people's, and of the detector on real val."""
     from genfusion.stages.label_quality import main
 
-    params = _params(params_path)
     main(
-        params,
+        _params(params_path),
         prelabels=prelabels,
         annotations=annotations,
         generated=generated,
         real=real,
-        weights=weights or real_detector(params),
+        weights=weights,
         out=out,
     )
 
@@ -575,6 +488,13 @@ annotate_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(annotate_app, name="annotate")
+# Outside a stage, the folders default to dvc.yaml's (its `vars: paths`).
+PipelineGeneratedOpt = Annotated[
+    Path | None, typer.Option(help="Generated images, a folder per subject (default: dvc.yaml's).")
+]
+PipelinePrelabelsOpt = Annotated[
+    Path | None, typer.Option(help="Automatic labels, a folder per subject (default: dvc.yaml's).")
+]
 SubjectOpt = Annotated[
     str, typer.Option("--subject", help="Subject (params subjects) whose images to label.")
 ]
@@ -602,8 +522,8 @@ def annotate_serve(
 @annotate_app.command("push")
 def annotate_push(
     subject: SubjectOpt,
-    generated: GeneratedOpt = Path("data/generated"),
-    prelabels: PrelabelsOpt = Path("data/prelabels"),
+    generated: PipelineGeneratedOpt = None,
+    prelabels: PipelinePrelabelsOpt = None,
     order: Annotated[
         str,
         typer.Option(
@@ -620,12 +540,13 @@ def annotate_push(
 ) -> None:
     """Create or update the subject's project; add a task per new image, automatic labels as predictions."""
     from genfusion.commands.annotate import push_main
+    from genfusion.commands.pipeline_paths import pipeline_path
 
     push_main(
         _params(params_path),
         subject=subject,
-        generated=generated,
-        prelabels=prelabels,
+        generated=generated or pipeline_path("generated"),
+        prelabels=prelabels or pipeline_path("prelabels"),
         order=order,
         budget=budget,
     )
@@ -634,14 +555,22 @@ def annotate_push(
 @annotate_app.command("pull")
 def annotate_pull(
     subject: SubjectOpt,
-    generated: GeneratedOpt = Path("data/generated"),
-    annotations: AnnotationsOpt = Path("data/annotations"),
+    generated: PipelineGeneratedOpt = None,
+    annotations: Annotated[
+        Path | None, typer.Option(help="People's labels, a folder per subject (default: dvc.yaml's).")
+    ] = None,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Write people's labels to data/annotations/<subject>/ and `dvc add` it; print what changed."""
     from genfusion.commands.annotate import pull_main
+    from genfusion.commands.pipeline_paths import pipeline_path
 
-    pull_main(_params(params_path), subject=subject, generated=generated, annotations=annotations)
+    pull_main(
+        _params(params_path),
+        subject=subject,
+        generated=generated or pipeline_path("generated"),
+        annotations=annotations or pipeline_path("annotations"),
+    )
 
 
 inspect_app = typer.Typer(
@@ -653,24 +582,16 @@ app.add_typer(inspect_app, name="inspect")
 
 @inspect_app.command("build")
 def inspect_build(
-    metrics: Annotated[Path, typer.Option(help="Distribution metrics (JSON, a DVC metric).")] = Path(
-        "metrics/distribution.json"
-    ),
-    figure: Annotated[Path, typer.Option(help="Distribution figure (PNG).")] = Path(
-        "reports/distribution.png"
-    ),
-    real: RealOpt = Path("data/real"),
-    generated: GeneratedOpt = Path("data/generated"),
-    prelabels: PrelabelsOpt = Path("data/prelabels"),
-    annotations: AnnotationsOpt = Path("data/annotations"),
-    variations: Annotated[Path, typer.Option(help="Variations written by `variations`.")] = Path(
-        "data/variations"
-    ),
-    composites: CompositesOpt = Path("data/composites"),
-    filtered: FilteredOpt = Path("data/filtered"),
-    detectors: Annotated[Path, typer.Option(help="Trained detectors, a folder each.")] = Path(
-        "models/detectors"
-    ),
+    metrics: Annotated[Path, typer.Option(help="Distribution metrics (JSON, a DVC metric).")],
+    figure: Annotated[Path, typer.Option(help="Distribution figure (PNG).")],
+    real: RealOpt,
+    generated: GeneratedOpt,
+    prelabels: PrelabelsOpt,
+    annotations: AnnotationsOpt,
+    variations: VariationsOpt,
+    composites: CompositesOpt,
+    filtered: FilteredOpt,
+    detectors: Annotated[Path, typer.Option(help="Trained detectors, a folder each.")],
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """The `inspect` stage: measure synthetic against real and build or update the FiftyOne dataset."""
@@ -678,7 +599,14 @@ def inspect_build(
     from genfusion.stages.inspect import main
 
     sources = Sources(
-        real, generated, prelabels, annotations, variations, detectors, composites, filtered=filtered
+        real=real,
+        generated=generated,
+        prelabels=prelabels,
+        annotations=annotations,
+        variations=variations,
+        detectors=detectors,
+        composites=composites,
+        filtered=filtered,
     )
     main(_params(params_path), sources=sources, metrics=metrics, figure=figure)
 
@@ -693,18 +621,6 @@ def inspect_app_command(
     from genfusion.commands.inspect_app import main
 
     main(_params(params_path), port=port, host=host)
-
-
-def main() -> None:
-    try:
-        app(standalone_mode=True)
-    except GenfusionError as exc:
-        # Several processes of one stage meet the same error: the first one says it.
-        if os.environ.get("RANK", "0") == "0":
-            if _debug():
-                traceback.print_exception(exc)
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
 
 
 cross_scene_app = typer.Typer(
@@ -739,12 +655,13 @@ def cross_scene_run(
 
 @cross_scene_app.command("report")
 def cross_scene_report(
-    scenes: Annotated[Path, typer.Option(help="Folder of the scene sets, as dvc.yaml names it.")] = Path(
-        "data/scenes"
-    ),
-    predictions: Annotated[Path, typer.Option(help="Folder of evaluate's detections.")] = Path(
-        "data/predictions"
-    ),
+    scenes: Annotated[
+        Path | None, typer.Option(help="Folder of the scene sets (default: dvc.yaml's paths.scenes).")
+    ] = None,
+    predictions: Annotated[
+        Path | None,
+        typer.Option(help="Folder of evaluate's detections (default: dvc.yaml's paths.predictions)."),
+    ] = None,
     summary: Annotated[Path, typer.Option(help="JSON to write.")] = Path("metrics/cross_scene.json"),
     markdown: Annotated[Path, typer.Option(help="Markdown to write.")] = Path("reports/cross_scene.md"),
     params_path: ParamsOpt = Path("params.yaml"),
@@ -752,10 +669,27 @@ def cross_scene_report(
     """Pool the folds' detections: AP per variant with intervals, paired differences to real, and
     each fold's figures (params: evaluate)."""
     from genfusion.commands.cross_scene import report_main
+    from genfusion.commands.pipeline_paths import pipeline_path
 
     report_main(
-        _params(params_path), scenes=scenes, predictions=predictions, summary=summary, markdown=markdown
+        _params(params_path),
+        scenes=scenes or pipeline_path("scenes"),
+        predictions=predictions or pipeline_path("predictions"),
+        summary=summary,
+        markdown=markdown,
     )
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except GenfusionError as exc:
+        # Several processes of one stage meet the same error: the first one says it.
+        if os.environ.get("RANK", "0") == "0":
+            if _debug():
+                traceback.print_exception(exc)
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # `torchrun -m genfusion.cli ...` runs the module

@@ -536,6 +536,27 @@ class Params(Section):
             raise ValueError(f"subjects.{name}.finetune: {problems}") from exc
 
 
+# The train stages' DVC dependency (dvc.yaml, paths.pretrained), relative to the project folder.
+PRETRAINED = Path("models/pretrained")
+
+
+def check_pretrained_weights(model: str, project: Path | None = None) -> None:
+    """Refuse `train.model` weights (a .pt) outside `models/pretrained/` of `project` (default: the
+    working directory, where DVC runs the stage): the train stages depend on that folder, so
+    weights elsewhere could change without DVC retraining the detectors."""
+    if not model.endswith(".pt"):
+        return
+    project = Path.cwd() if project is None else Path(project)
+    folder = (project / PRETRAINED).resolve()
+    # The file's folder, not the file: with DVC's symlink cache the file links into .dvc/cache.
+    if not (project / model).parent.resolve().is_relative_to(folder):
+        raise GenfusionError(
+            f"train.model: weights file {model!r} is outside {PRETRAINED}/, the folder the train stages"
+            f" depend on, so DVC would not retrain when it changes; copy it into {PRETRAINED}/,"
+            f" `dvc add {PRETRAINED}/{Path(model).name}` and set train.model to that path"
+        )
+
+
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The field names of the (nested) model that `loc` points into."""
     parts = list(loc[:-1])
