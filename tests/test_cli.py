@@ -51,6 +51,29 @@ def test_stage_commands_take_their_folders_from_dvc_yaml_only() -> None:
     assert defaults == []
 
 
+def test_every_stage_command_parses() -> None:
+    """Each command dvc.yaml runs, its vars and matrices resolved by DVC, gives every option its
+    command requires and no option it lacks."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        commands = [stage.cmd for stage in repo.index.stages if getattr(stage, "cmd", None)]
+    assert len(commands) > 20
+    # Typer parses with its own copy of click: its usage errors are those typer.BadParameter is.
+    usage_error = next(kind for kind in typer.BadParameter.__mro__ if kind.__name__ == "UsageError")
+    refused = []
+    for line in commands:
+        words = shlex.split(line)[1:]
+        found = typer.main.get_command(app)
+        while isinstance(found, typer.core.TyperGroup):
+            found = found.commands[words.pop(0)]
+        try:
+            found.make_context(found.name, words)
+        except usage_error as exc:
+            refused.append(f"{line}: {exc.format_message()}")
+    assert refused == []
+
+
 def test_commands_outside_a_stage_read_dvc_yaml_folders(tmp_path: Path) -> None:
     variables = yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"]
     assert pipeline_path("generated", ROOT / "dvc.yaml") == Path(variables[0]["paths"]["generated"])

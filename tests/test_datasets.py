@@ -174,6 +174,20 @@ def test_unknown_variant_and_missing_generated_images_are_named(sources: Sources
         build_dataset("synthetic", sources, tmp_path / "x", GeneratedChoice(["a", "c"], "auto", 1.0))
 
 
+def test_real_needs_the_real_tiles_only_and_a_variant_names_the_folder_it_lacks(
+    sources: Sources, tmp_path: Path
+) -> None:
+    only_real = Sources(real=sources.real)
+    assert build("real", only_real, tmp_path / "out" / "real")["train_images"] == 3
+    with pytest.raises(
+        GenfusionError, match=r"^datasets@variations: needs the variations folder; pass --variations$"
+    ):
+        build("variations", only_real, tmp_path / "out" / "variations")
+    with pytest.raises(GenfusionError, match=r"^datasets: needs the generated folder; pass --generated$"):
+        build_dataset("synthetic", only_real, tmp_path / "x", GeneratedChoice(["a"], "auto", 1.0))
+    assert not (tmp_path / "out" / "variations").exists()
+
+
 def test_same_steps_scales_epochs_to_the_real_splits_image_count() -> None:
     counts = {"real_train_split": 20, "train_images": 60}
     assert variant_epochs(TrainParams(epochs=150), counts) == 50

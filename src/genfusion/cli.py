@@ -27,12 +27,12 @@ app = typer.Typer(
 DEBUG_VAR = "GENFUSION_DEBUG"
 ParamsOpt = Annotated[Path, typer.Option("--params", help="Parameters file.")]
 RealOpt = Annotated[Path, typer.Option(help="Real dataset written by `seeds`.")]
-GeneratedOpt = Annotated[Path, typer.Option(help="Generated images, a folder per subject.")]
-PrelabelsOpt = Annotated[Path, typer.Option(help="Automatic labels, a folder per subject.")]
-AnnotationsOpt = Annotated[Path, typer.Option(help="People's labels, a folder per subject.")]
-CompositesOpt = Annotated[Path, typer.Option(help="Copy-paste composites written by `composite`.")]
-FilteredOpt = Annotated[Path, typer.Option(help="The quality filter's choices, a folder per set.")]
-VariationsOpt = Annotated[Path, typer.Option(help="Variations written by `variations`.")]
+GeneratedOpt = Annotated[Path | None, typer.Option(help="Generated images, a folder per subject.")]
+PrelabelsOpt = Annotated[Path | None, typer.Option(help="Automatic labels, a folder per subject.")]
+AnnotationsOpt = Annotated[Path | None, typer.Option(help="People's labels, a folder per subject.")]
+CompositesOpt = Annotated[Path | None, typer.Option(help="Copy-paste composites written by `composite`.")]
+FilteredOpt = Annotated[Path | None, typer.Option(help="The quality filter's choices, a folder per set.")]
+VariationsOpt = Annotated[Path | None, typer.Option(help="Variations written by `variations`.")]
 
 
 def _debug() -> bool:
@@ -106,13 +106,16 @@ def datasets(
     ],
     out: Annotated[Path, typer.Option(help="Output folder for this variant.")],
     real: RealOpt,
-    generated: GeneratedOpt,
-    prelabels: PrelabelsOpt,
-    annotations: AnnotationsOpt,
-    variations: VariationsOpt,
-    composites: CompositesOpt,
-    inpainted: Annotated[Path, typer.Option(help="Images written by `inpaint`, a folder per subject.")],
-    filtered: FilteredOpt,
+    # The other folders only where the variant reads them (the `real` stage gives none).
+    generated: GeneratedOpt = None,
+    prelabels: PrelabelsOpt = None,
+    annotations: AnnotationsOpt = None,
+    variations: VariationsOpt = None,
+    composites: CompositesOpt = None,
+    inpainted: Annotated[
+        Path | None, typer.Option(help="Images written by `inpaint`, a folder per subject.")
+    ] = None,
+    filtered: FilteredOpt = None,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Write the YOLO dataset a detector variant trains on (params: labels, datasets)."""

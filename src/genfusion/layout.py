@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from genfusion.errors import GenfusionError
+
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.csv"
 DATASET_YAML = "dataset.yaml"
@@ -52,24 +54,33 @@ def label_file(root: Path, stem: str, split: str | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Sources:
-    """The pipeline's data folders a stage reads, each given on its command line by dvc.yaml."""
+    """The pipeline's data folders a stage reads, each given on its command line by dvc.yaml.
+    A stage is given only the folders it declares (the `real` dataset stage, the real tiles
+    alone): the others are None, and `folder` refuses to read one."""
 
     real: Path
-    generated: Path
-    prelabels: Path
-    annotations: Path
-    variations: Path
+    generated: Path | None = None  # the generate stages' images, a folder per subject
+    prelabels: Path | None = None  # automatic labels, a folder per subject
+    annotations: Path | None = None  # people's labels, a folder per subject
+    variations: Path | None = None  # the variations stage's images
     detectors: Path | None = None  # the inspect stage's: trained detectors, whose predictions it shows
     composites: Path | None = None  # the composite stage's copy-paste images
     inpainted: Path | None = None  # the inpaint stage's images, a folder per subject
     filtered: Path | None = None  # the filter stage's choices, a folder per filtered set
+
+    def folder(self, name: str, reader: str) -> Path:
+        """Folder `name` (a field), which `reader` (a stage, in errors) needs."""
+        path = getattr(self, name)
+        if path is None:
+            raise GenfusionError(f"{reader}: needs the {name} folder; pass --{name}")
+        return path
 
 
 def generated_label(sources: Sources, subject: str, stem: str, label_source: str) -> Path | None:
     """The label file a detector trains on for generated image `stem`, as `labels.source` says:
     the prelabel stage's (auto), people's (manual), or people's where they exist (manual_else_auto);
     None when the chosen source has none."""
-    auto = label_file(sources.prelabels / subject, stem)
-    manual = label_file(sources.annotations / subject, stem)
+    auto = label_file(sources.folder("prelabels", "labels") / subject, stem)
+    manual = label_file(sources.folder("annotations", "labels") / subject, stem)
     candidates = {"auto": [auto], "manual": [manual], "manual_else_auto": [manual, auto]}[label_source]
     return next((path for path in candidates if path.is_file()), None)

@@ -69,9 +69,10 @@ def synthetic_train(
     Images are interleaved across subjects by index (`a_00000, b_00000, a_00001, ...`), so any
     prefix of the list, as `mixed` takes, draws evenly on every subject.
     """
+    generated = sources.folder("generated", "datasets")
     per_subject = []
     for subject in subjects:
-        folder = layout.images_dir(sources.generated / subject)
+        folder = layout.images_dir(generated / subject)
         if not folder.is_dir():
             raise GenfusionError(f"{folder}: no generated images; run `dvc repro generate@{subject}`")
         per_subject.append(sorted(folder.glob("*.png")))
@@ -127,19 +128,22 @@ def select_train(
         return real_train(sources.real), 0
     if variant not in VARIANTS:
         raise GenfusionError(f"datasets: unknown variant {variant!r}; known: {list(VARIANTS)}")
+    reader = f"datasets@{variant}"
     if variant == "variations":
-        return real_train(sources.real) + manifest_train(sources.variations, variant), 0
+        return real_train(sources.real) + manifest_train(sources.folder("variations", reader), variant), 0
     if variant == "composite":
-        return real_train(sources.real) + manifest_train(sources.composites, variant), 0
+        return real_train(sources.real) + manifest_train(sources.folder("composites", reader), variant), 0
     if variant.endswith("-filtered"):
-        return real_train(sources.real) + kept_train(sources.filtered / variant.removesuffix("-filtered")), 0
+        choices = sources.folder("filtered", reader) / variant.removesuffix("-filtered")
+        return real_train(sources.real) + kept_train(choices), 0
     if generated is None:
         raise ValueError(f"the {variant} variant needs a GeneratedChoice")
     subjects, label_source, mixed_ratio = generated.subjects, generated.label_source, generated.mixed_ratio
     if not subjects:
         raise GenfusionError(f"datasets@{variant}: params.yaml defines no subjects to generate images of")
     if variant == "inpaint":
-        painted = [manifest_train(sources.inpainted / s, f"inpaint@{s}") for s in subjects]
+        inpainted = sources.folder("inpainted", reader)
+        painted = [manifest_train(inpainted / s, f"inpaint@{s}") for s in subjects]
         return real_train(sources.real) + [item for items in painted for item in items], 0
     labelled, unlabelled = synthetic_train(sources, subjects, label_source)
     missing = (
