@@ -110,9 +110,31 @@ def inspect_project(root: Path) -> Path:
         verdicts.append(
             f"images/{tile.stem}_c0.png,labels/{tile.stem}_c0.txt,0.5,-0.1,,{1 / rank},{rank},{kept}"
         )
-    (root / "data/filtered/composite").mkdir(parents=True)
-    (root / "data/filtered/composite/manifest.csv").write_text("\n".join(verdicts) + "\n")
+    filter_set(root / "data/filtered/composite", "data/composites", verdicts)
+    # Two inpainted images of the subject, on train tiles; the filter kept one, under another
+    # set name: its summary says which folder it ranked.
+    inpainted = root / "data/inpainted/canopy"
+    (inpainted / "images").mkdir(parents=True)
+    (inpainted / "labels").mkdir(parents=True)
+    rows = ["file,label,background"]
+    verdicts = ["file,label,agreement,realism,clip,score,rank,kept"]
+    for tile in train[:2]:
+        Image.fromarray(rgb_of(tile) // 2).save(inpainted / f"images/{tile.stem}_i0.png")
+        shutil.copy(
+            root / f"data/real/labels/train/{tile.stem}.txt", inpainted / f"labels/{tile.stem}_i0.txt"
+        )
+        rows.append(f"images/{tile.stem}_i0.png,labels/{tile.stem}_i0.txt,data/real/images/train/{tile.name}")
+    verdicts.append(f"images/{train[0].stem}_i0.png,labels/{train[0].stem}_i0.txt,0.5,-0.1,,1.0,1,true")
+    (inpainted / "manifest.csv").write_text("\n".join(rows) + "\n")
+    filter_set(root / "data/filtered/painted", "data/inpainted/canopy", verdicts)
     return root
+
+
+def filter_set(out: Path, ranked: str, verdicts: list[str]) -> None:
+    """The quality filter's output for the set in folder `ranked`: its verdicts and summary."""
+    out.mkdir(parents=True)
+    (out / "manifest.csv").write_text("\n".join(verdicts) + "\n")
+    (out / "summary.json").write_text(json.dumps({"set": ranked, "n": len(verdicts) - 1}))
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +147,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 FOLDERS = [
     *("--real", "data/real", "--generated", "data/generated", "--prelabels", "data/prelabels"),
     *("--annotations", "data/annotations", "--variations", "data/variations"),
-    *("--composites", "data/composites", "--filtered", "data/filtered", "--detectors", "models/detectors"),
+    *("--composites", "data/composites", "--inpainted", "data/inpainted"),
+    *("--filtered", "data/filtered", "--detectors", "models/detectors"),
 ]
 BUILD = [
     *CLI,
@@ -184,11 +207,14 @@ def test_inspect_builds_metrics_and_a_fiftyone_dataset(built: Path) -> None:
     assert generated["leakage"]["share"] == pytest.approx(1 / 6)
     # Variations are near-copies of train tiles by design: only leakage is checked for them.
     assert metrics["sets"]["variations"]["memorisation"] is None
+    # So are inpainted images, painted onto the train tiles.
+    assert metrics["sets"]["inpainted/canopy"]["images"] == 2
+    assert metrics["sets"]["inpainted/canopy"]["memorisation"] is None
     assert metrics["sets"]["variations"]["leakage"]["share"] == 0
     assert (project / "reports/distribution.png").stat().st_size > 10_000
 
     summary = fiftyone_summary(project)
-    assert summary["count"] == {"real": 8, "generated": 6, "variation": 2, "composite": 2}
+    assert summary["count"] == {"real": 8, "generated": 6, "variation": 2, "composite": 2, "inpaint": 2}
     assert summary["tags"] == {"memorised": 1, "leaked": 1}
     expected = {"source", "subject", "split", "scene", "prompt", "seed", "ground_truth", "auto_labels"}
     assert expected | {"people_labels", "embedding", "uniqueness", "copy_of_train", "copy_of_test"} <= set(
@@ -202,8 +228,9 @@ def test_inspect_builds_metrics_and_a_fiftyone_dataset(built: Path) -> None:
         "filter-kept",
     }
     assert views <= set(summary["views"])
-    # The filter's verdicts on the composites: one kept, one dropped, the rest (not filtered) none.
-    assert summary["kept"] == {"true": 1, "false": 1, "null": 16}
+    # The filter's verdicts: on the composites one kept, one dropped; on the inpainted images
+    # one kept (the other not in its manifest); the rest (not filtered) none.
+    assert summary["kept"] == {"true": 2, "false": 1, "null": 17}
     assert {"genfusion_pca", "genfusion_similarity"} <= set(summary["brain"])
 
 
@@ -215,7 +242,13 @@ def test_a_rebuild_adds_no_duplicates_and_drops_a_removed_image(tmp_path: Path) 
     first = (project / "metrics/distribution.json").read_bytes()
     assert build(project).returncode == 0
     assert (project / "metrics/distribution.json").read_bytes() == first
-    assert fiftyone_summary(project)["count"] == {"real": 8, "generated": 6, "variation": 2, "composite": 2}
+    assert fiftyone_summary(project)["count"] == {
+        "real": 8,
+        "generated": 6,
+        "variation": 2,
+        "composite": 2,
+        "inpaint": 2,
+    }
     gone = project / "data/generated/canopy/images/canopy_00000.png"
     gone.unlink()
     assert build(project).returncode == 0

@@ -33,6 +33,7 @@ AnnotationsOpt = Annotated[Path | None, typer.Option(help="People's labels, a fo
 CompositesOpt = Annotated[Path | None, typer.Option(help="Copy-paste composites written by `composite`.")]
 FilteredOpt = Annotated[Path | None, typer.Option(help="The quality filter's choices, a folder per set.")]
 VariationsOpt = Annotated[Path | None, typer.Option(help="Variations written by `variations`.")]
+InpaintedOpt = Annotated[Path | None, typer.Option(help="Images written by `inpaint`, a folder per subject.")]
 
 
 def _debug() -> bool:
@@ -112,9 +113,7 @@ def datasets(
     annotations: AnnotationsOpt = None,
     variations: VariationsOpt = None,
     composites: CompositesOpt = None,
-    inpainted: Annotated[
-        Path | None, typer.Option(help="Images written by `inpaint`, a folder per subject.")
-    ] = None,
+    inpainted: InpaintedOpt = None,
     filtered: FilteredOpt = None,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
@@ -593,6 +592,7 @@ def inspect_build(
     annotations: AnnotationsOpt,
     variations: VariationsOpt,
     composites: CompositesOpt,
+    inpainted: InpaintedOpt,
     filtered: FilteredOpt,
     detectors: Annotated[Path, typer.Option(help="Trained detectors, a folder each.")],
     params_path: ParamsOpt = Path("params.yaml"),
@@ -609,6 +609,7 @@ def inspect_build(
         variations=variations,
         detectors=detectors,
         composites=composites,
+        inpainted=inpainted,
         filtered=filtered,
     )
     main(_params(params_path), sources=sources, metrics=metrics, figure=figure)

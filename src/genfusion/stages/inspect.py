@@ -17,6 +17,7 @@ The metrics depend on the files only; the FiftyOne database is a side effect, ke
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,20 @@ def rows_by_name(manifest: Path) -> dict[str, dict[str, str]]:
         return {Path(row.get("file") or row.get("image", "")).name: row for row in csv.DictReader(f)}
 
 
+# What the filter stage writes beside its manifest: the set it ranked, among its figures.
+FILTER_SUMMARY = "summary.json"
+
+
+def filter_verdicts(filtered: Path) -> dict[Path, dict[str, dict[str, str]]]:
+    """The quality filter's verdicts on each set it ranked, by the set's folder (its summary
+    names it), each image's row by file name."""
+    verdicts = {}
+    for summary in sorted(filtered.glob(f"*/{FILTER_SUMMARY}")):
+        ranked = Path(json.loads(summary.read_text())["set"]).resolve()
+        verdicts[ranked] = rows_by_name(summary.parent / layout.MANIFEST)
+    return verdicts
+
+
 def collect(
     sources: Sources, subjects: Sequence[str], names: Sequence[str], label_source: str
 ) -> tuple[list[Item], list[str]]:
@@ -129,12 +144,18 @@ def collect(
     derived = [(sources.variations, "variation", "variations", "variations", "source_image")]
     if sources.composites is not None:
         derived.append((sources.composites, "composite", "composites", "composite", "background"))
+    if sources.inpainted is not None:
+        derived += [
+            (sources.inpainted / s, "inpaint", f"inpainted/{s}", f"inpaint@{s}", "background")
+            for s in subjects
+        ]
+    verdicts_by_folder = filter_verdicts(sources.filtered) if sources.filtered else {}
     for folder, source, name, stage, origin in derived:
         images = layout.image_files(folder)
         if not images:
             missing.append(f"{name}: no images yet (`dvc repro {stage}`)")
         rows = rows_by_name(folder / layout.MANIFEST)
-        verdicts = rows_by_name(sources.filtered / stage / layout.MANIFEST) if sources.filtered else {}
+        verdicts = verdicts_by_folder.get(folder.resolve(), {})
         for path in images:
             verdict = verdicts.get(path.name)
             # The scene of the real tile it was made from.
@@ -209,10 +230,10 @@ def distribution_metrics(items: Sequence[Item], missing: Sequence[str], settings
             "boxes_per_image_distance": distribution.values_distance([len(i.labels) for i in train], counts),
             "box_size_distance": distribution.values_distance(box_sizes(train), box_sizes(members)),
             "kid": distribution.kid(reference, np.stack([i.embedding for i in members])),
-            # Variations (img2img) and composites (pasted onto them) are made from the train
-            # tiles: near-copies of them by design.
+            # Variations (img2img), composites and inpainted images (objects pasted or painted
+            # onto them) are made from the train tiles: near-copies of them by design.
             "memorisation": None
-            if name in ("variations", "composites")
+            if members[0].source in ("variation", "composite", "inpaint")
             else flag_copies(members, train, "train", settings.memorisation_threshold),
             "leakage": flag_copies(members, test, "test", settings.leakage_threshold),
         }
