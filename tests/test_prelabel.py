@@ -262,6 +262,7 @@ def genfusion(root: Path, *args: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.integration
 def test_detector_prelabels_are_valid_yolo_files(neon_seeds: Path, base_dir: Path, tmp_path: Path) -> None:
     from genfusion.formats import read_annotations
     from genfusion.params import load_params

@@ -248,6 +248,7 @@ def expected_choice(rows: list[dict[str, str]], keep: float, columns: tuple[str,
     ]
 
 
+@pytest.mark.integration
 def test_ranks_and_kept_share_follow_the_scores(project: dict, filtered: Path) -> None:
     rows = read_rows(filtered / MANIFEST)
     listed = read_rows(project["set"] / MANIFEST)
@@ -281,6 +282,7 @@ def test_ranks_and_kept_share_follow_the_scores(project: dict, filtered: Path) -
         assert summary["mean"][group]["clip"] is None
 
 
+@pytest.mark.integration
 def test_a_broken_image_ranks_last_and_is_dropped_whatever_the_detector_finds(project: dict) -> None:
     """The set's real images and labels, scored with detections known by construction: a detector
     that finds every known object, one that finds nothing (as a tiny one can), one that finds the
@@ -306,6 +308,7 @@ def test_a_broken_image_ranks_last_and_is_dropped_whatever_the_detector_finds(pr
         assert ranked[-1].scores.file == project["broken"] and not ranked[-1].kept, detector
 
 
+@pytest.mark.integration
 def test_the_flat_image_is_the_least_real_with_the_trained_detector(project: dict, filtered: Path) -> None:
     """End to end: realism does not depend on the detector, so the flat twin scores below its intact
     twin there, whatever a detector trained for seconds finds."""
@@ -315,12 +318,14 @@ def test_the_flat_image_is_the_least_real_with_the_trained_detector(project: dic
     assert float(broken["realism"]) == min(float(r["realism"]) for r in rows.values())
 
 
+@pytest.mark.integration
 def test_two_runs_write_identical_files(project: dict, filtered: Path, tmp_path: Path) -> None:
     run_filter(project, tmp_path / "again")
     assert files(tmp_path / "again") == files(filtered)
     assert sorted(files(filtered)) == [MANIFEST, quality_filter.SUMMARY]
 
 
+@pytest.mark.integration
 def test_clip_fills_its_column_and_changes_the_combined_score(
     project: dict, filtered: Path, tiny_clip: Path, tmp_path: Path
 ) -> None:
@@ -338,6 +343,7 @@ def test_clip_fills_its_column_and_changes_the_combined_score(
     assert {r["file"]: r["score"] for r in rows} != {f: v[2] for f, v in without.items()}
 
 
+@pytest.mark.integration
 def test_bad_input_is_an_error_naming_it_and_writes_nothing(
     project: dict, filtered: Path, tmp_path: Path
 ) -> None:
