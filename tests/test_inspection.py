@@ -162,10 +162,14 @@ BUILD = [
 ]
 
 
-def build(root: Path) -> subprocess.CompletedProcess:
+def build(root: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The stage, in its own process: FiftyOne's database settings are per process."""
     return subprocess.run(
-        [*BUILD, "--metrics", "metrics/distribution.json"], cwd=root, capture_output=True, text=True
+        [*BUILD, "--metrics", "metrics/distribution.json"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=None if env is None else os.environ | env,
     )
 
 
@@ -254,6 +258,23 @@ def test_a_rebuild_adds_no_duplicates_and_drops_a_removed_image(tmp_path: Path) 
     assert build(project).returncode == 0
     after = fiftyone_summary(project)
     assert after["count"]["generated"] == 5 and str(gone) not in after["files"]
+
+
+@pytest.mark.integration
+def test_a_database_port_inherited_from_a_parent_process_is_not_used(project: Path, tmp_path: Path) -> None:
+    """FiftyOne connects to the port a parent process's FiftyOne left in the environment: here
+    nothing listens there, and the stage starts the project's own database instead."""
+    root = tmp_path / "inherited-port"
+    shutil.copytree(project / "data/real", root / "data/real")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["inspect"]["database_dir"] = str(tmp_path / "db")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    done = build(root, {"FIFTYONE_PRIVATE_DATABASE_PORT": str(closed)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "db/log/mongo.log").is_file()
 
 
 @pytest.mark.integration

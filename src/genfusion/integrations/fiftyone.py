@@ -22,6 +22,10 @@ PCA_KEY, SIMILARITY_KEY = "genfusion_pca", "genfusion_similarity"
 def use_database(directory: Path) -> None:
     """Point FiftyOne at its database folder (unless the user chose one) before it is imported."""
     os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(directory.resolve()))
+    # FiftyOne records the port of the MongoDB it started in this variable, and a process that
+    # finds it set connects there instead of starting its own: set by a parent (a notebook, a test
+    # runner that used FiftyOne), it names another folder's database, or one long gone.
+    os.environ.pop("FIFTYONE_PRIVATE_DATABASE_PORT", None)
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
     # The bundled MongoDB 6.0 works; FiftyOne would only warn that it is its oldest supported one.
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
