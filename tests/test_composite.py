@@ -581,8 +581,7 @@ def test_bad_input_is_refused_naming_the_param_or_file_and_writes_nothing(real: 
 
 
 def sources(real: Path, composites: Path, tmp_path: Path) -> Sources:
-    unused = tmp_path / "unused"
-    return Sources(real, unused, unused, unused, unused, composites=composites)
+    return Sources(real=real, sets={"composite": composites})
 
 
 def test_the_composite_dataset_adds_every_listed_composite_to_the_real_tiles(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,8 @@ def sources(tmp_path: Path) -> Sources:
     """Three real train tiles, one val and one test; two subjects of three generated images each;
     automatic labels for every generated image but b_00002, people's labels for a_00000 only;
     one variation per real tile."""
-    src = Sources(
-        *(tmp_path / name for name in ("real", "generated", "prelabels", "annotations", "variations"))
-    )
+    folders = ("real", "generated", "prelabels", "annotations")
+    src = Sources(**{name: tmp_path / name for name in folders}, sets={"variations": tmp_path / "variations"})
     for split, stems in {"train": ["t0", "t1", "t2"], "val": ["v0"], "test": ["s0"]}.items():
         for k, stem in enumerate(stems):
             png(src.real / "images" / split / f"{stem}.png", (k, 0, 0))
@@ -51,13 +51,13 @@ def sources(tmp_path: Path) -> Sources:
     label(src.annotations / "a" / "labels" / "a_00000.txt", "0 0.1 0.1 0.05 0.05", "0 0.9 0.9 0.05 0.05")
     rows = []
     for stem in ("t0", "t1", "t2"):
-        png(src.variations / "images" / f"{stem}_v0.png", (0, 0, 9))
-        (src.variations / "labels").mkdir(parents=True, exist_ok=True)
-        (src.variations / "labels" / f"{stem}_v0.txt").write_bytes(
+        png(src.sets["variations"] / "images" / f"{stem}_v0.png", (0, 0, 9))
+        (src.sets["variations"] / "labels").mkdir(parents=True, exist_ok=True)
+        (src.sets["variations"] / "labels" / f"{stem}_v0.txt").write_bytes(
             (src.real / "labels" / "train" / f"{stem}.txt").read_bytes()
         )
         rows.append({"file": f"images/{stem}_v0.png", "label": f"labels/{stem}_v0.txt"})
-    with (src.variations / "manifest.csv").open("w", newline="") as f:
+    with (src.sets["variations"] / "manifest.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["file", "label"])
         writer.writeheader()
         writer.writerows(rows)
@@ -156,9 +156,7 @@ def test_mixed_adds_ratio_times_real_synthetic_images_drawn_evenly_from_the_subj
 
 
 def test_no_label_at_all_says_how_to_get_labels(sources: Sources, tmp_path: Path) -> None:
-    unlabelled = Sources(
-        sources.real, sources.generated, tmp_path / "none", tmp_path / "none", sources.variations
-    )
+    unlabelled = replace(sources, prelabels=tmp_path / "none", annotations=tmp_path / "none")
     with pytest.raises(
         GenfusionError, match="datasets@synthetic: 6 generated images have no label.*prelabel"
     ):
@@ -180,7 +178,8 @@ def test_real_needs_the_real_tiles_only_and_a_variant_names_the_folder_it_lacks(
     only_real = Sources(real=sources.real)
     assert build("real", only_real, tmp_path / "out" / "real")["train_images"] == 3
     with pytest.raises(
-        GenfusionError, match=r"^datasets@variations: needs the variations folder; pass --variations$"
+        GenfusionError,
+        match=r"^datasets@variations: needs the variations set's folder; pass --set variations=FOLDER$",
     ):
         build("variations", only_real, tmp_path / "out" / "variations")
     with pytest.raises(GenfusionError, match=r"^datasets: needs the generated folder; pass --generated$"):

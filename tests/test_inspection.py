@@ -146,8 +146,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # The inspect stage's folders, as dvc.yaml passes them.
 FOLDERS = [
     *("--real", "data/real", "--generated", "data/generated", "--prelabels", "data/prelabels"),
-    *("--annotations", "data/annotations", "--variations", "data/variations"),
-    *("--composites", "data/composites", "--inpainted", "data/inpainted"),
+    *("--annotations", "data/annotations", "--set", "variations=data/variations"),
+    *("--set", "composite=data/composites", "--set", "inpaint=data/inpainted"),
     *("--filtered", "data/filtered", "--detectors", "models/detectors"),
 ]
 BUILD = [
@@ -417,8 +417,9 @@ def test_generated_images_carry_the_labels_that_labels_source_chooses(tmp_path: 
     from genfusion.layout import Sources
     from genfusion.stages.inspect import collect
 
+    folders = ("real", "generated", "prelabels", "annotations")
     sources = Sources(
-        *(tmp_path / name for name in ("real", "generated", "prelabels", "annotations", "variations"))
+        **{name: tmp_path / name for name in folders}, sets={"variations": tmp_path / "variations"}
     )
     (sources.real / "images/train").mkdir(parents=True)
     Image.new("RGB", (32, 32)).save(sources.real / "images/train/tile.png")

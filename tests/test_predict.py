@@ -161,8 +161,7 @@ def detector(neon_seeds: Path, train_seed: int, tmp_path_factory: pytest.TempPat
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     loaded = load_params(root / "params.yaml")
     run_seeds(read_annotations(neon_seeds), loaded.seeds, loaded.classes, root / "data/real")
-    folders = ("real", "generated", "prelabels", "annotations", "variations")
-    build_dataset("real", Sources(*(root / "data" / name for name in folders)), root / "data/datasets/real")
+    build_dataset("real", Sources(real=root / "data/real"), root / "data/datasets/real")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)  # dvclive looks for a DVC repo from the working folder: not the project's
         weights = train_detector(

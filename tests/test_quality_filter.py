@@ -65,8 +65,7 @@ def project(neon_seeds: Path, train_seed: int, tmp_path_factory: pytest.TempPath
     params = parse_params(params_data())
     real = root / "data/real"
     run_seeds(read_annotations(neon_seeds), params.seeds, params.classes, real)
-    folders = ("real", "generated", "prelabels", "annotations", "variations")
-    build_dataset("real", Sources(*(root / "data" / name for name in folders)), root / "data/datasets/real")
+    build_dataset("real", Sources(real=root / "data/real"), root / "data/datasets/real")
     with pytest.MonkeyPatch.context() as patch, process_state_kept():
         patch.chdir(root)  # dvclive looks for a DVC repo from the working folder: not the project's
         best = train_detector(
@@ -117,8 +116,9 @@ def project(neon_seeds: Path, train_seed: int, tmp_path_factory: pytest.TempPath
 def run_filter(project: dict, out: Path, **settings) -> dict:
     p = project["params"]
     return quality_filter.filter_set(
-        project["set"], project["real"], project["weights"], FilterParams(**({"keep": 0.5} | settings)),
-        p.classes, p.prelabel, p.train.imgsz, p.train.device, p.diffusion.class_prompt, out,
+        project["set"], "composite", project["real"], project["weights"],
+        FilterParams(**({"keep": 0.5} | settings)), p.classes, p.prelabel, p.train.imgsz, p.train.device,
+        p.diffusion.class_prompt, out,
     )  # fmt: skip
 
 
@@ -132,7 +132,12 @@ def filtered(project: dict) -> Path:
     """The stage's entry point on the set, keep 0.5."""
     out = project["root"] / "data/filtered/composites"
     quality_filter.main(
-        project["params"], set_dir=project["set"], real=project["real"], weights=project["weights"], out=out
+        project["params"],
+        name="composite",
+        set_dir=project["set"],
+        real=project["real"],
+        weights=project["weights"],
+        out=out,
     )
     return out
 
@@ -260,7 +265,7 @@ def test_ranks_and_kept_share_follow_the_scores(project: dict, filtered: Path) -
     from genfusion.detection import detect
 
     p = project["params"]
-    items = quality_filter.set_items(project["set"])
+    items = quality_filter.set_items(project["set"], "composite")
     images = [item.image for item in items]
     found = detect(project["weights"], images, p.classes, p.prelabel, p.train.imgsz, p.train.device)
     known = quality_filter.read_known(items, p.classes)
@@ -288,7 +293,7 @@ def test_a_broken_image_ranks_last_and_is_dropped_whatever_the_detector_finds(pr
     that finds every known object, one that finds nothing (as a tiny one can), one that finds the
     objects everywhere but on the flat image. The flat image is the least real in every case, so it
     ranks last and is dropped; only where the detector misses its objects does its agreement fall."""
-    items = quality_filter.set_items(project["set"])
+    items = quality_filter.set_items(project["set"], "composite")
     known = quality_filter.read_known(items, NAMES)
     reference = quality_filter.real_embeddings(project["real"])
     files = [item.file for item in items]
@@ -380,7 +385,8 @@ def test_bad_input_is_an_error_naming_it_and_writes_nothing(
     for change, message in cases:
         for out in (previous, fresh):
             arguments = {
-                "set_dir": project["set"], "real_dir": project["real"], "weights": project["weights"],
+                "set_dir": project["set"], "stage": "composite", "real_dir": project["real"],
+                "weights": project["weights"],
                 "settings": FilterParams(keep=0.5), "names": p.classes, "prelabel_settings": p.prelabel,
                 "imgsz": p.train.imgsz, "device": p.train.device, "class_prompt": p.diffusion.class_prompt,
                 "out": out,

@@ -44,9 +44,7 @@ def workspace(neon_seeds: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     loaded = load_params(root / "params.yaml")
     run_seeds(read_annotations(neon_seeds), loaded.seeds, loaded.classes, root / "data/real")
-    folders = ("real", "generated", "prelabels", "annotations", "variations")
-    sources = Sources(*(root / "data" / name for name in folders))
-    build_dataset("real", sources, root / "data/datasets/real")
+    build_dataset("real", Sources(real=root / "data/real"), root / "data/datasets/real")
     return root
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from project import commit, project_repo, run
 
-from genfusion.params import BUILT
-
 TESTS = Path(__file__).resolve().parent
 # The tiny pipeline's own variants and one seed, not params.yaml's: a change of the default run
-# changes no test. Every variant the project builds is trained once, so every dataset kind reaches
-# a detector; tests/test_pipeline.py checks the seed matrix with `dvc status`, which runs nothing.
-VARIANTS = ["real", *BUILT]
+# changes no test. Every variant the registry builds by default is trained once, so every dataset
+# kind reaches a detector (tests/test_variants.py checks the list against the registry);
+# tests/test_pipeline.py checks the seed matrix with `dvc status`, which runs nothing.
+VARIANTS = ["real", "synthetic", "mixed", "variations", "composite", "inpaint"]
+VARIANTS += ["composite-filtered", "inpaint-filtered"]
 TINY = {
     "train": {
         "variants": VARIANTS,

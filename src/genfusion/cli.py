@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from genfusion.errors import GenfusionError
+from genfusion.variants import MADE, REGISTRY
 
 app = typer.Typer(
     help="Train object detectors from a few real images plus diffusion-generated data (run `dvc repro`).",
@@ -30,10 +31,16 @@ RealOpt = Annotated[Path, typer.Option(help="Real dataset written by `seeds`.")]
 GeneratedOpt = Annotated[Path | None, typer.Option(help="Generated images, a folder per subject.")]
 PrelabelsOpt = Annotated[Path | None, typer.Option(help="Automatic labels, a folder per subject.")]
 AnnotationsOpt = Annotated[Path | None, typer.Option(help="People's labels, a folder per subject.")]
-CompositesOpt = Annotated[Path | None, typer.Option(help="Copy-paste composites written by `composite`.")]
 FilteredOpt = Annotated[Path | None, typer.Option(help="The quality filter's choices, a folder per set.")]
 VariationsOpt = Annotated[Path | None, typer.Option(help="Variations written by `variations`.")]
-InpaintedOpt = Annotated[Path | None, typer.Option(help="Images written by `inpaint`, a folder per subject.")]
+MadeSetsOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--set",
+        help=f"NAME=FOLDER: the set a stage made from the real tiles for variant NAME ({', '.join(MADE)});"
+        " repeat for each set.",
+    ),
+]
 
 
 def _debug() -> bool:
@@ -103,7 +110,7 @@ def seeds(
 def datasets(
     variant: Annotated[
         str,
-        typer.Argument(help="Dataset variant: real, synthetic, mixed, variations, composite or inpaint."),
+        typer.Argument(help=f"Dataset variant, one of: {', '.join(REGISTRY)}."),
     ],
     out: Annotated[Path, typer.Option(help="Output folder for this variant.")],
     real: RealOpt,
@@ -111,25 +118,22 @@ def datasets(
     generated: GeneratedOpt = None,
     prelabels: PrelabelsOpt = None,
     annotations: AnnotationsOpt = None,
-    variations: VariationsOpt = None,
-    composites: CompositesOpt = None,
-    inpainted: InpaintedOpt = None,
     filtered: FilteredOpt = None,
+    sets: MadeSetsOpt = [],  # noqa: B006 (typer reads the default, never mutates it)
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Write the YOLO dataset a detector variant trains on (params: labels, datasets)."""
     from genfusion.layout import Sources
     from genfusion.stages.datasets import main
+    from genfusion.variants import parse_sets
 
     sources = Sources(
         real=real,
         generated=generated,
         prelabels=prelabels,
         annotations=annotations,
-        variations=variations,
-        composites=composites,
-        inpainted=inpainted,
         filtered=filtered,
+        sets=parse_sets(sets, f"datasets@{variant}"),
     )
     counts = main(_params(params_path), variant=variant, sources=sources, out=out)
     logging.getLogger("genfusion").info("datasets@%s: %s", variant, counts)
@@ -362,9 +366,7 @@ def inpaint(
 
 @app.command("filter")
 def filter_set(
-    name: Annotated[
-        str, typer.Argument(help="The set's name, a key of filter.sets (composite, inpaint, variations).")
-    ],
+    name: Annotated[str, typer.Argument(help=f"The set's name, a key of filter.sets ({', '.join(MADE)}).")],
     out: Annotated[Path, typer.Option(help="Output folder (manifest.csv, summary.json).")],
     images: Annotated[Path, typer.Option("--set", help="The set's folder (the value of filter.sets).")],
     weights: Annotated[Path, typer.Option(help="The real detector's weights.")],
@@ -374,7 +376,7 @@ def filter_set(
     """Score a set whose labels are known by construction and keep its best filter.keep share."""
     from genfusion.stages.quality_filter import main
 
-    summary = main(_params(params_path), set_dir=images, real=real, weights=weights, out=out)
+    summary = main(_params(params_path), name=name, set_dir=images, real=real, weights=weights, out=out)
     logging.getLogger("genfusion").info(
         "filter@%s: kept %d of %d images (filter.keep %g)",
         name,
@@ -590,27 +592,24 @@ def inspect_build(
     generated: GeneratedOpt,
     prelabels: PrelabelsOpt,
     annotations: AnnotationsOpt,
-    variations: VariationsOpt,
-    composites: CompositesOpt,
-    inpainted: InpaintedOpt,
     filtered: FilteredOpt,
     detectors: Annotated[Path, typer.Option(help="Trained detectors, a folder each.")],
+    sets: MadeSetsOpt = [],  # noqa: B006 (typer reads the default, never mutates it)
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """The `inspect` stage: measure synthetic against real and build or update the FiftyOne dataset."""
     from genfusion.layout import Sources
     from genfusion.stages.inspect import main
+    from genfusion.variants import parse_sets
 
     sources = Sources(
         real=real,
         generated=generated,
         prelabels=prelabels,
         annotations=annotations,
-        variations=variations,
         detectors=detectors,
-        composites=composites,
-        inpainted=inpainted,
         filtered=filtered,
+        sets=parse_sets(sets, "inspect"),
     )
     main(_params(params_path), sources=sources, metrics=metrics, figure=figure)
 

@@ -9,7 +9,8 @@ same folders without the split level. An image's labels have the image's stem.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from genfusion.errors import GenfusionError
@@ -52,7 +53,7 @@ def label_file(root: Path, stem: str, split: str | None = None) -> Path:
     return labels_dir(root, split) / f"{stem}.txt"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Sources:
     """The pipeline's data folders a stage reads, each given on its command line by dvc.yaml.
     A stage is given only the folders it declares (the `real` dataset stage, the real tiles
@@ -62,11 +63,11 @@ class Sources:
     generated: Path | None = None  # the generate stages' images, a folder per subject
     prelabels: Path | None = None  # automatic labels, a folder per subject
     annotations: Path | None = None  # people's labels, a folder per subject
-    variations: Path | None = None  # the variations stage's images
     detectors: Path | None = None  # the inspect stage's: trained detectors, whose predictions it shows
-    composites: Path | None = None  # the composite stage's copy-paste images
-    inpainted: Path | None = None  # the inpaint stage's images, a folder per subject
     filtered: Path | None = None  # the filter stage's choices, a folder per filtered set
+    # The sets stages make from the real train tiles, by the variant that trains on each
+    # (genfusion.variants): {"composite": data/composites, "inpaint": data/inpainted, ...}.
+    sets: Mapping[str, Path] = field(default_factory=dict)
 
     def folder(self, name: str, reader: str) -> Path:
         """Folder `name` (a field), which `reader` (a stage, in errors) needs."""
@@ -74,6 +75,12 @@ class Sources:
         if path is None:
             raise GenfusionError(f"{reader}: needs the {name} folder; pass --{name}")
         return path
+
+    def set_folder(self, variant: str, reader: str) -> Path:
+        """The folder of the set variant `variant` trains on, which `reader` needs."""
+        if variant not in self.sets:
+            raise GenfusionError(f"{reader}: needs the {variant} set's folder; pass --set {variant}=FOLDER")
+        return Path(self.sets[variant])
 
 
 def generated_label(sources: Sources, subject: str, stem: str, label_source: str) -> Path | None:

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from genfusion.errors import GenfusionError
 from genfusion.layout import SPLITS
+from genfusion.variants import BUILT, MADE, REAL, REGISTRY, SYNTHETIC
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -71,22 +72,12 @@ class SeedsParams(Section):
         return self
 
 
-# The dataset variants built from synthetic data (`real` is built by its own stage, because the
-# real detector labels the generated images some of them train on).
-SyntheticVariant = Literal[
-    "synthetic",
-    "mixed",
-    "variations",
-    "composite",
-    "inpaint",
-    # A set of filter.sets with only the images the filter keeps.
-    "composite-filtered",
-    "variations-filtered",
-    "inpaint-filtered",
-]
-Variant = Literal["real", SyntheticVariant]
-# The default run's synthetic variants.
-BUILT = ("synthetic", "mixed", "variations", "composite", "inpaint", "composite-filtered", "inpaint-filtered")
+# The dataset variants, as genfusion.variants registers them (`real` is built by its own stage,
+# because the real detector labels the generated images some of them train on).
+SyntheticVariant = Literal[*SYNTHETIC]
+Variant = Literal[REAL, SyntheticVariant]
+# The sets a stage makes from the real train tiles, which the quality filter can rank.
+MadeVariant = Literal[*MADE]
 
 
 def two_phase(first: str) -> str:
@@ -329,7 +320,7 @@ class InpaintParams(LayoutParams):
 
 
 class FilterParams(Section):
-    sets: dict[Literal["composite", "variations", "inpaint"], str] = {
+    sets: dict[MadeVariant, str] = {
         "composite": "data/composites",
         "inpaint": "data/inpainted/canopy",
     }
@@ -473,11 +464,8 @@ class Params(Section):
                 f" {'segmentation' if segmentation_model else 'detection'} model; pair task: segment"
                 " with a -seg model (yolov8n-seg.yaml) and task: detect with a detector (yolov8n.yaml)"
             )
-        unfiltered = [
-            v
-            for v in self.datasets.variants
-            if v.endswith("-filtered") and v.removesuffix("-filtered") not in self.filter.sets
-        ]
+        filtered = [REGISTRY[v] for v in self.datasets.variants]
+        unfiltered = [v.name for v in filtered if v.filtered_from and v.filtered_from not in self.filter.sets]
         if unfiltered:
             raise ValueError(
                 f"datasets.variants: {unfiltered} need their sets in filter.sets {list(self.filter.sets)}"

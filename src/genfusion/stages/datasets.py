@@ -1,14 +1,9 @@
 """`datasets@variant` stage: the YOLO dataset each detector variant trains on.
 
-Variants (the rows of the report):
-- `real`: the real train split.
-- `synthetic`: every subject's generated images, labelled as `labels.source` says.
-- `mixed`: the real train split plus `datasets.mixed_ratio` synthetic images per real image.
-- `variations`: the real train split plus the img2img variations of its tiles.
-- `composite`: the real train split plus the copy-paste composites of its tiles.
-- `inpaint`: the real train split plus every subject's layout-inpainted images of its tiles.
-- `<set>-filtered` (composite-filtered, variations-filtered): the real train split plus the
-  images of that set the `filter@<set>` stage keeps.
+Each variant's train split is made as the registry (genfusion.variants) says: the real train
+split (`real`), plus a set a stage makes from its tiles (variations, composite, inpaint), the
+share of such a set the `filter@<set>` stage keeps (`<set>-filtered`), or generated images
+labelled as `labels.source` says (`synthetic` alone, `mixed` at `datasets.mixed_ratio`).
 
 Training images are relative symbolic links, never copies, so DVC stores each image once.
 Label files (a few bytes each) are copied beside the links: YOLO finds an image's labels by
@@ -25,16 +20,13 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
 
 import yaml
 
-from genfusion import fsio, layout
+from genfusion import fsio, layout, variants
 from genfusion.errors import GenfusionError
 from genfusion.layout import Sources
-from genfusion.params import Params, Variant
-
-VARIANTS = get_args(Variant)
+from genfusion.params import Params
 
 
 @dataclass(frozen=True)
@@ -121,48 +113,48 @@ def kept_train(choices: Path) -> list[TrainImage]:
 
 
 def select_train(
-    variant: str, sources: Sources, generated: GeneratedChoice | None
+    name: str, sources: Sources, generated: GeneratedChoice | None
 ) -> tuple[list[TrainImage], int]:
-    """(the variant's train images, generated images left out for want of a label)."""
-    if variant == "real":
-        return real_train(sources.real), 0
-    if variant not in VARIANTS:
-        raise GenfusionError(f"datasets: unknown variant {variant!r}; known: {list(VARIANTS)}")
-    reader = f"datasets@{variant}"
-    if variant == "variations":
-        return real_train(sources.real) + manifest_train(sources.folder("variations", reader), variant), 0
-    if variant == "composite":
-        return real_train(sources.real) + manifest_train(sources.folder("composites", reader), variant), 0
-    if variant.endswith("-filtered"):
-        choices = sources.folder("filtered", reader) / variant.removesuffix("-filtered")
-        return real_train(sources.real) + kept_train(choices), 0
-    if generated is None:
-        raise ValueError(f"the {variant} variant needs a GeneratedChoice")
-    subjects, label_source, mixed_ratio = generated.subjects, generated.label_source, generated.mixed_ratio
-    if not subjects:
-        raise GenfusionError(f"datasets@{variant}: params.yaml defines no subjects to generate images of")
-    if variant == "inpaint":
-        inpainted = sources.folder("inpainted", reader)
-        painted = [manifest_train(inpainted / s, f"inpaint@{s}") for s in subjects]
-        return real_train(sources.real) + [item for items in painted for item in items], 0
-    labelled, unlabelled = synthetic_train(sources, subjects, label_source)
+    """(the variant's train images, generated images left out for want of a label), as the
+    registry (genfusion.variants) says the variant is made."""
+    reader = f"datasets@{name}"
+    v = variants.variant(name, "datasets")
+    real = real_train(sources.real) if v.with_real else []
+    if v.filtered_from is not None:
+        return real + kept_train(sources.folder("filtered", reader) / v.filtered_from), 0
+    if v.made is not None:
+        each = subjects(generated, name) if v.made.per_subject else []
+        folders = variants.set_folders(name, sources.set_folder(name, reader), each)
+        return real + [item for folder, _, stage in folders for item in manifest_train(folder, stage)], 0
+    if v.generated is None:
+        return real, 0
+    chosen = subjects(generated, name)
+    label_source, ratio = generated.label_source, generated.mixed_ratio
+    labelled, unlabelled = synthetic_train(sources, chosen, label_source)
     missing = (
         f"{len(unlabelled)} generated images have no label from labels.source={label_source!r};"
         " run the prelabel stage or pull people's labels"
     )
-    if variant == "synthetic":
+    if v.generated == "all":
         if not labelled:
-            raise GenfusionError(f"datasets@synthetic: {missing}")
-        return labelled, len(unlabelled)
-    real = real_train(sources.real)
-    wanted = round(mixed_ratio * len(real))
+            raise GenfusionError(f"{reader}: {missing}")
+        return real + labelled, len(unlabelled)
+    wanted = round(ratio * len(real))
     if wanted > len(labelled):
         raise GenfusionError(
-            f"datasets.mixed_ratio: {mixed_ratio:g} x {len(real)} real images needs {wanted} labelled"
+            f"datasets.mixed_ratio: {ratio:g} x {len(real)} real images needs {wanted} labelled"
             f" synthetic images, and {len(labelled)} exist; "
             + (missing if unlabelled else "raise generate.n (or lower the ratio)")
         )
     return real + labelled[:wanted], len(unlabelled)
+
+
+def subjects(generated: GeneratedChoice | None, name: str) -> Sequence[str]:
+    if generated is None:
+        raise ValueError(f"the {name} variant needs a GeneratedChoice")
+    if not generated.subjects:
+        raise GenfusionError(f"datasets@{name}: params.yaml defines no subjects to generate images of")
+    return generated.subjects
 
 
 def count_boxes(labels: Iterable[Path]) -> int:
@@ -242,10 +234,9 @@ def build_dataset(
 
 
 def main(params: Params, *, variant: str, sources: Sources, out: Path) -> dict:
-    # The real, variations and composite datasets take no generated image, so they read none of
-    # the params that choose them: the real detector (which labels the generated images) must not
-    # depend on them.
+    # A variant reads the params that choose generated images only if it takes them (or a set
+    # per subject): the real detector (which labels the generated images) must not depend on them.
     generated = None
-    if variant not in ("real", "variations", "composite") and not variant.endswith("-filtered"):
+    if variants.variant(variant, "datasets").reads_subjects:
         generated = GeneratedChoice(list(params.subjects), params.labels.source, params.datasets.mixed_ratio)
     return build_dataset(variant, sources, out, generated, params.task)

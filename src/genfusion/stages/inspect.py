@@ -1,7 +1,7 @@
 """`inspect` stage: real against synthetic, seen and measured (`genfusion inspect app` shows it).
 
-The stage reads every real tile (by split), every generated image (by subject) and every
-variation with their labels, and
+The stage reads every real tile (by split), every generated image (by subject) and every image
+of the sets made from the real tiles (genfusion.variants), with their labels, and
 - writes `metrics/distribution.json` (a DVC metric) and `reports/distribution.png`: colour,
   brightness and saturation of each synthetic set against the real train split, boxes per
   image and box sizes, KID on the chosen embedding, and the share of synthetic images that
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genfusion import distribution, fsio, layout
+from genfusion import distribution, fsio, layout, variants
 from genfusion.boxes import Box
 from genfusion.errors import GenfusionError
 from genfusion.formats.yolo import read_label_file
@@ -42,8 +42,8 @@ class Item:
     """One image the stage looks at, with what FiftyOne shows of it."""
 
     path: Path
-    source: str  # real | generated | variation | composite
-    set: str  # real/<split>, generated/<subject>, variations, composites
+    source: str  # real | generated | a made set's tag (genfusion.variants: variation, composite, ...)
+    set: str  # real/<split>, generated/<subject>, a made set's folder (variations, inpainted/<subject>)
     split: str | None = None
     subject: str | None = None
     scene: str | None = None
@@ -89,6 +89,11 @@ def filter_verdicts(filtered: Path) -> dict[Path, dict[str, dict[str, str]]]:
         ranked = Path(json.loads(summary.read_text())["set"]).resolve()
         verdicts[ranked] = rows_by_name(summary.parent / layout.MANIFEST)
     return verdicts
+
+
+def made_sets(sources: Sources) -> list[tuple[str, variants.MadeSet]]:
+    """(variant, its set) of each made set the stage was given, in the registry's order."""
+    return [(name, variants.made_set(name, "inspect")) for name in variants.MADE if name in sources.sets]
 
 
 def collect(
@@ -139,16 +144,14 @@ def collect(
                     labels=read[chosen] if chosen else [],
                 )
             )
-    # The sets made from the real train tiles, labels carried over or known by construction:
-    # (folder, source, set, stage, manifest column naming the tile each image comes from).
-    derived = [(sources.variations, "variation", "variations", "variations", "source_image")]
-    if sources.composites is not None:
-        derived.append((sources.composites, "composite", "composites", "composite", "background"))
-    if sources.inpainted is not None:
-        derived += [
-            (sources.inpainted / s, "inpaint", f"inpainted/{s}", f"inpaint@{s}", "background")
-            for s in subjects
-        ]
+    # The sets made from the real train tiles, labels carried over or known by construction, in
+    # the registry's order: (folder, source tag, set name, stage, manifest column naming the tile
+    # each image comes from).
+    derived = [
+        (folder, made.tag, name, stage, made.origin)
+        for variant, made in made_sets(sources)
+        for folder, name, stage in variants.set_folders(variant, sources.sets[variant], subjects)
+    ]
     verdicts_by_folder = filter_verdicts(sources.filtered) if sources.filtered else {}
     for folder, source, name, stage, origin in derived:
         images = layout.image_files(folder)
@@ -230,10 +233,10 @@ def distribution_metrics(items: Sequence[Item], missing: Sequence[str], settings
             "boxes_per_image_distance": distribution.values_distance([len(i.labels) for i in train], counts),
             "box_size_distance": distribution.values_distance(box_sizes(train), box_sizes(members)),
             "kid": distribution.kid(reference, np.stack([i.embedding for i in members])),
-            # Variations (img2img), composites and inpainted images (objects pasted or painted
-            # onto them) are made from the train tiles: near-copies of them by design.
+            # The made sets (img2img variations, objects pasted or painted onto tiles) are made
+            # from the train tiles: near-copies of them by design.
             "memorisation": None
-            if members[0].source in ("variation", "composite", "inpaint")
+            if members[0].source in variants.MADE_TAGS
             else flag_copies(members, train, "train", settings.memorisation_threshold),
             "leakage": flag_copies(members, test, "test", settings.leakage_threshold),
         }

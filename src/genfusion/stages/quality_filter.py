@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from genfusion import fsio, layout
+from genfusion import fsio, layout, variants
 from genfusion.boxes import Box, iou
 from genfusion.errors import GenfusionError
 from genfusion.layout import MANIFEST
@@ -56,8 +56,6 @@ COLUMNS = ("file", "label", "agreement", "realism", "clip", "score", "rank", "ke
 SCORES = ("agreement", "realism", "clip")
 SUMMARY = "summary.json"
 DIGITS = 6  # scores are rounded to this many decimals before they are ranked
-# The stage that writes each set folder, for the advice to run it.
-MADE_BY = {"composites": "composite", "variations": "variations"}
 CLIP_BATCH = 16
 
 
@@ -218,15 +216,14 @@ class Item:
     labels: Path
 
 
-def set_items(set_dir: Path) -> list[Item]:
+def set_items(set_dir: Path, stage: str) -> list[Item]:
     """The images the set's manifest lists, by file name, each with its label file; every
-    listed file must exist."""
+    listed file must exist. `stage` writes the set (named in the advice to run it)."""
     import csv
 
     set_dir = Path(set_dir)
     manifest = set_dir / MANIFEST
-    made_by = f"inpaint@{set_dir.name}" if set_dir.parent.name == "inpainted" else MADE_BY.get(set_dir.name)
-    rerun = f"`dvc repro {made_by or set_dir.name}`"
+    rerun = f"`dvc repro {stage}`"
     if not manifest.is_file():
         raise GenfusionError(f"{manifest}: missing; run {rerun} first")
     try:
@@ -349,6 +346,7 @@ def score_items(
 
 def filter_set(
     set_dir: Path,
+    stage: str,
     real_dir: Path,
     weights: Path,
     settings: FilterParams,
@@ -359,12 +357,13 @@ def filter_set(
     class_prompt: str,
     out: Path,
 ) -> dict:
-    """Score every image of `set_dir`, choose, and write `out` (manifest.csv, summary.json);
-    returns the summary. Everything is checked before anything is computed or written."""
+    """Score every image of `set_dir` (written by `stage`), choose, and write `out` (manifest.csv,
+    summary.json); returns the summary. Everything is checked before anything is computed or
+    written."""
     from genfusion.detection import detect
     from genfusion.manifest import write_manifest
 
-    items = set_items(set_dir)
+    items = set_items(set_dir, stage)
     weights = Path(weights)
     if not weights.is_file():
         raise GenfusionError(
@@ -387,11 +386,12 @@ def filter_set(
     return result
 
 
-def main(params: Params, *, set_dir: Path, real: Path, weights: Path, out: Path) -> dict:
-    """Entry point: paths from dvc.yaml, settings from params (filter.*, prelabel.conf / iou,
-    train.imgsz / device, classes, diffusion.class_prompt)."""
+def main(params: Params, *, name: str, set_dir: Path, real: Path, weights: Path, out: Path) -> dict:
+    """Entry point: the set's name (a key of filter.sets) and paths from dvc.yaml, settings from
+    params (filter.*, prelabel.conf / iou, train.imgsz / device, classes, diffusion.class_prompt)."""
     return filter_set(
         set_dir,
+        variants.set_stage(name, set_dir),
         real,
         weights,
         params.filter,
