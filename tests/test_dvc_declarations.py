@@ -15,12 +15,16 @@ from pathlib import Path
 
 import networkx as nx
 import pytest
+import yaml
 from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
 from dvc.stage import PipelineStage
 from tiny_pipeline import TinyRun
 
 from genfusion import variants
+from genfusion.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Infrastructure that every stage imports: the command line, how it starts (threads, torchrun),
 # params parsing, errors, progress bars and atomic writes. None of it decides what a stage computes
@@ -251,3 +255,21 @@ def test_the_registry_is_declared_by_the_stages_it_decides_only() -> None:
     assert undeclared(trace, stage | {"name": "datasets@inpaint"}) == [
         f"datasets@inpaint: imports {REGISTRY}, not declared"
     ]
+
+
+def test_the_artifacts_are_the_default_runs_detectors() -> None:
+    """dvc.yaml's rule: every row of the report at the first seed, and the ONNX export of each
+    synthetic variant trained, so a change of the default run's variants fails here until the
+    artifacts follow."""
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    train = load_params(ROOT / "params.yaml").train
+    seed = train.seeds[0]
+    expected = {
+        f"detector-{row}-{seed}": f"models/detectors/{row}-{seed}/weights/best.pt" for row in train.rows
+    }
+    expected |= {
+        f"detector-{v}-{seed}-onnx": f"models/onnx/{v}-{seed}.onnx"
+        for v in train.variants
+        if v != variants.REAL
+    }
+    assert {name: artifact["path"] for name, artifact in pipeline["artifacts"].items()} == expected

@@ -20,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_tiny_pipeline_trains_every_variant_the_registry_builds_by_default() -> None:
     assert [variants.REAL, *variants.BUILT] == VARIANTS
     assert TINY["datasets"]["variants"] == list(variants.BUILT)
+    assert (
+        sorted(TINY["filter"]["sets"]) == sorted(FilterParams().sets) == sorted(variants.FILTERED_BY_DEFAULT)
+    )
 
 
 def test_params_take_the_registry_names_and_refuse_others() -> None:

@@ -74,9 +74,10 @@ _MADE = (
         made=MadeSet("inpaint", "inpainted", per_subject=True, tag="inpaint", origin="background"),
     ),
 )
-# Only composite and inpaint sets are filtered by default (params.yaml's filter.sets).
+# The sets filter.sets names by default: their `-filtered` variants are built by default.
+FILTERED_BY_DEFAULT = ("composite", "inpaint")
 _FILTERED = tuple(
-    Variant(f"{v.name}{FILTERED}", filtered_from=v.name, default=v.name != "variations") for v in _MADE
+    Variant(f"{v.name}{FILTERED}", filtered_from=v.name, default=v.name in FILTERED_BY_DEFAULT) for v in _MADE
 )
 REGISTRY: dict[str, Variant] = {
     v.name: v
