@@ -4,6 +4,7 @@ pipeline's list, params validation, dvc.yaml's `--set` options, and the command 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,26 @@ def test_a_set_per_subject_has_a_folder_and_a_stage_per_subject() -> None:
     ]
     assert variants.set_stage("inpaint", Path("data/inpainted/canopy")) == "inpaint@canopy"
     assert variants.set_stage("variations", Path("data/variations")) == "variations"
+
+
+EXAMPLE = ROOT / "docs/examples/rotated-variant.patch"
+
+
+def test_the_contributing_guides_example_variant_applies_to_todays_code() -> None:
+    """docs/contributing.md walks through the patch that adds the `rotated` variant: it must apply
+    to the code as it is (once a variant like it is added for real, retire the example), and the
+    guide's `git diff --stat` must list the files it changes, four source files at most."""
+    applied = subprocess.run(
+        ["git", "apply", "--check", str(EXAMPLE)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert applied.returncode == 0, applied.stderr
+    stat = subprocess.run(
+        ["git", "apply", "--numstat", str(EXAMPLE)], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    files = [line.split("\t")[2] for line in stat.stdout.splitlines()]
+    guide = (ROOT / "docs/contributing.md").read_text()
+    shown = re.findall(r"^ (\S+)\s+\|\s+\d+", guide, flags=re.MULTILINE)
+    assert sorted(shown) == sorted(files)
+    sources = [f for f in files if f.startswith("src/")]
+    assert len(sources) <= 4, sources
+    assert {"dvc.yaml", "params.yaml", "src/genfusion/variants.py"} <= set(files)
