@@ -152,7 +152,10 @@ def test_profile_overrides_flatten_quote_and_sweep(tmp_path: Path) -> None:
 def test_profile_is_validated_for_every_sweep_value_before_anything_runs(tmp_path: Path) -> None:
     profile = tmp_path / "p.yaml"
     profile.write_text(yaml.safe_dump({"sweep": {"variations.strength": [0.3, 1.5]}}))
-    with pytest.raises(GenfusionError, match=r"p.yaml: invalid params:\n  variations.strength"):
+    with pytest.raises(
+        GenfusionError,
+        match=r"/p.yaml: variations.strength: Input should be less than or equal to 1 \(got 1.5\)$",
+    ):
         profile_overrides(profile, ROOT / "params.yaml")
     profile.write_text(yaml.safe_dump({"trian": {"epochs": 3}}))
     with pytest.raises(GenfusionError, match="trian: unknown key; did you mean 'train'"):
@@ -211,3 +214,18 @@ def test_an_error_is_one_line_and_debug_shows_its_original_traceback(
     assert f"error: {tmp_path / 'none.yaml'}: params file not found" in done.stderr
     # The cause (a FileNotFoundError) is shown only when asked for.
     assert ("Traceback" in done.stderr and "FileNotFoundError" in done.stderr) == bool(debug)
+
+
+def test_each_problem_is_one_line_naming_the_file_and_key_without_the_section_or_a_second_got(
+    raw: dict,
+) -> None:
+    raw["train"]["imgsz"] = 100
+    raw["seeds"]["tile_size"] = 1
+    raw["composite"]["scale"] = [2, 1]
+    with pytest.raises(GenfusionError) as caught:
+        parse_params(raw, Path("p.yaml"))
+    assert str(caught.value).splitlines() == [
+        "p.yaml: seeds: tile_overlap (64) must be smaller than tile_size (1)",
+        "p.yaml: train.imgsz: must be a multiple of 32 (YOLO's stride), got 100",
+        "p.yaml: composite: scale is [min, max], got [2.0, 1.0]",
+    ]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from png_files import deep_png
 
 from genfusion.errors import GenfusionError
 from genfusion.formats import read_annotations
@@ -398,6 +399,28 @@ def test_bad_images_are_refused_naming_them(detector: dict, tmp_path: Path, monk
     assert f"{missing}: no such image or folder" in refused(monkeypatch, capsys, detector, out, missing)
 
 
+def test_a_16_bit_colour_png_is_predicted_as_its_8_bit_pixels_and_said_so(
+    detector: dict, tmp_path: Path, monkeypatch, capsys, caplog
+) -> None:
+    """Pillow reads a 16-bit colour PNG as 8-bit without saying so: predict says so, and the
+    boxes are those of the 8-bit image it was read as."""
+    plain = small_scene(detector, tmp_path)
+    deep = tmp_path / "deep.png"
+    deep.write_bytes(deep_png(np.asarray(Image.open(plain)).astype(np.uint16) * 257))
+    outputs = {}
+    for scene in (plain, deep):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="genfusion"):
+            code, err = run_cli(monkeypatch, predict_args(detector, tmp_path / scene.stem, scene), capsys)
+        assert code == 0, err
+        outputs[scene.stem] = [
+            row | {"image": ""} for row in read_csv(tmp_path / scene.stem / "predictions.csv")
+        ]
+        said = [record.getMessage() for record in caplog.records]
+        assert (f"{deep}: converted to 8-bit RGB (16bit) before prediction" in said) == (scene == deep), said
+    assert outputs["deep"] == outputs["good"]
+
+
 def test_a_16_bit_geotiff_is_refused_with_advice_to_convert_it(
     detector: dict, tmp_path: Path, monkeypatch, capsys
 ) -> None:
@@ -457,8 +480,16 @@ def test_weights_that_are_no_detector_are_refused(
     out = tmp_path / "out"
     noise = tmp_path / "w.pt"
     noise.write_bytes(np.random.default_rng(0).bytes(4096))
-    message = refused(monkeypatch, capsys, detector, out, scene, weights=noise)
-    assert f"{noise}: not a YOLO detector's weights" in message
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for weights, problem in ((noise, "UnpicklingError: invalid load key"), (empty, "EOFError")):
+        code, err = run_cli(monkeypatch, predict_args(detector, out, scene, weights=weights), capsys)
+        assert code == 2
+        # One line: the file, what is wrong, and what to give instead (no advice to download).
+        (line,) = err.strip().splitlines()
+        assert line.startswith(f"error: {weights}: not a YOLO weights file ({problem}")
+        assert "models/detectors/<variant>-<seed>/weights/best.pt" in line
+        assert "yolo predict" not in line
 
     classifier = tmp_path / "classify.pt"
     load_yolo("yolov8n-cls.yaml").save(classifier)

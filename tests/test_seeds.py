@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from png_files import deep_png, write_png
 
 from genfusion.boxes import Box, LabelledImage
 from genfusion.errors import GenfusionError
@@ -146,28 +147,46 @@ def test_boxes_outside_the_image_are_clipped_and_zero_area_dropped(tmp_path: Pat
         assert len(clipped) == 1 and clipped[0].y1 == pytest.approx(48, abs=1e-3)
 
 
+def opaque(a: np.ndarray) -> np.ndarray:
+    return np.dstack([a, np.full(a.shape[:2], np.iinfo(a.dtype).max, a.dtype)])
+
+
 @pytest.mark.parametrize(
-    ("mode", "make", "kind"),
+    ("mode", "make", "kinds"),
     [
-        ("RGBA", lambda a: Image.fromarray(np.dstack([a, np.full(a.shape[:2], 255, np.uint8)])), "alpha"),
-        ("L", lambda a: Image.fromarray(a[..., 0]), "grayscale"),
-        ("I;16", lambda a: Image.fromarray(a[..., 0].astype(np.uint16) * 257), "16bit"),
-        ("P", lambda a: Image.fromarray(a).quantize(16), "p"),
+        ("RGBA", lambda a: Image.fromarray(opaque(a)), ["alpha"]),
+        ("L", lambda a: Image.fromarray(a[..., 0]), ["grayscale"]),
+        ("I;16", lambda a: Image.fromarray(a[..., 0].astype(np.uint16) * 257), ["16bit", "grayscale"]),
+        ("P", lambda a: Image.fromarray(a).quantize(16), ["p"]),
+        # Pillow opens 16-bit colour PNGs as 8-bit modes: only the decoder says they were reduced.
+        ("RGB", lambda a: deep_png(a.astype(np.uint16) * 257), ["16bit"]),
+        ("RGBA", lambda a: deep_png(opaque(a.astype(np.uint16) * 257)), ["16bit", "alpha"]),
     ],
 )
-def test_non_rgb_images_are_converted_and_counted(tmp_path: Path, mode, make, kind) -> None:
+def test_every_conversion_that_changes_pixels_is_counted_by_kind(tmp_path: Path, mode, make, kinds) -> None:
+    from genfusion.scene_images import open_scene
+
     items = three_scenes(tmp_path)
     pixels = rgb(7)
-    items[0] = scene(tmp_path, "odd", make(pixels), [Box("Tree", 5, 5, 20, 20)])
+    made = make(pixels)
+    items[0] = scene(
+        tmp_path, "odd", pixels if isinstance(made, bytes) else made, [Box("Tree", 5, 5, 20, 20)]
+    )
+    if isinstance(made, bytes):
+        items[0].image.write_bytes(made)
     assert Image.open(items[0].image).mode == mode
     report = run_seeds(items, seeds_params(), ["tree"], tmp_path / "out")
-    assert report["images_converted"] == {kind: 1}
+    assert report["images_converted"] == dict.fromkeys(sorted(kinds), 1)
     written = next((tmp_path / "out" / "images").glob("*/odd.png"))
     converted = np.asarray(Image.open(written))
     assert converted.shape == (48, 64, 3)
-    if kind in ("alpha", "16bit"):  # exact: opaque alpha, and 16-bit 257*v back to v
-        expected = pixels if kind == "alpha" else np.repeat(pixels[..., :1], 3, axis=2)
+    if kinds != ["p"]:  # exact: opaque alpha, and 16-bit 257*v back to v
+        expected = np.repeat(pixels[..., :1], 3, axis=2) if "grayscale" in kinds else pixels
         assert np.array_equal(converted, expected)
+    # `genfusion predict` and the test sets read scenes the same way, and see the same conversions.
+    scene_read = open_scene(items[0].image, None)
+    assert sorted(scene_read.conversions) == sorted(kinds)
+    scene_read.close()
 
 
 def test_exif_rotated_image_turns_boxes_annotated_on_stored_pixels(tmp_path: Path) -> None:
@@ -401,3 +420,75 @@ def test_stale_scratch_of_a_killed_import_is_removed(neon_items, tmp_path: Path)
     (stale / "half-written.png").write_bytes(b"\x89PNG")
     run_seeds(neon_items, seeds_params(), ["tree"], out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["real"]
+
+
+def test_the_orientation_of_a_png_with_exif_after_its_pixels_is_read_without_decoding(tmp_path: Path) -> None:
+    from genfusion.images import read_header
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned a quarter: displayed as height x width
+    path = tmp_path / "late-exif.png"
+    write_png(path, 40, 30, exif.tobytes())
+    header = read_header(path)
+    assert (header.raw_size, header.orientation, header.size) == ((40, 30), 6, (30, 40))
+    with Image.open(path) as image:  # Pillow, decoding the image, finds the same orientation
+        assert image.getexif()[0x0112] == 6
+    plain = tmp_path / "plain.png"
+    write_png(plain, 40, 30)
+    assert read_header(plain).orientation == 1
+
+
+# Run in a fresh process, which reports how far its peak memory rose over the refusals.
+REFUSE_OVERSIZED = """
+import resource, sys
+from pathlib import Path
+from genfusion.boxes import Box, LabelledImage
+from genfusion.errors import GenfusionError
+from genfusion.params import SeedsParams
+from genfusion.scene_images import open_scene
+from genfusion.stages.seeds import run_seeds
+
+path, out = Path(sys.argv[1]), Path(sys.argv[2])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+params = SeedsParams(source=path.parent, class_map={"Tree": "tree"}, max_pixels=100_000_000)
+scenes = [path, *sorted(path.parent.glob("small-*.png"))]  # enough scenes to split
+messages = []
+try:  # the seeds stage (a test set's import reads scenes the same way)
+    run_seeds([LabelledImage(p, (Box("Tree", 5, 5, 50, 50),)) for p in scenes], params, ["tree"], out)
+except GenfusionError as exc:
+    messages.append(str(exc))
+try:  # genfusion predict
+    open_scene(path, params.max_pixels)
+except GenfusionError as exc:
+    messages.append(str(exc))
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print("grown MB:", grown // 1024)
+print("\\n".join(f"refused: {m}" for m in messages))
+"""
+
+
+def test_an_oversized_png_is_refused_before_it_is_decoded(tmp_path: Path) -> None:
+    """A highly compressed PNG over seeds.max_pixels is refused from its header: the process grows
+    by well under the 546 MB its pixels would take."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "ortho.png"
+    write_png(path, 14_000, 13_000)
+    assert path.stat().st_size < 5_000_000
+    for k in range(2):
+        write_png(tmp_path / f"small-{k}.png", 64, 64)
+    done = subprocess.run(
+        [sys.executable, "-c", REFUSE_OVERSIZED, str(path), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = done.stdout.splitlines()
+    (grown_mb,) = [line.removeprefix("grown MB: ") for line in lines if line.startswith("grown MB: ")]
+    messages = [line for line in lines if line.startswith("refused: ")]
+    assert len(messages) == 2
+    for message in messages:
+        assert f"{path}: 14000 x 13000 px (182 megapixels) is over seeds.max_pixels (100,000,000)" in message
+    assert int(grown_mb) < 100, f"peak memory grew by {grown_mb} MB while refusing"
+    assert not (tmp_path / "out").exists()

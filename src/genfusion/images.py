@@ -14,9 +14,43 @@ from genfusion.errors import GenfusionError
 EXIF_ORIENTATION = 0x0112
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def exif_orientation(image: Image.Image) -> int:
-    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    if image.format == "PNG" and "exif" not in image.info:
+        # Pillow decodes the whole PNG to find an EXIF chunk after the pixels; walk the chunks
+        # instead, so that reading a header never costs the image's memory.
+        exif = Image.Exif()
+        data = png_exif_after_pixels(image.fp)
+        if data:
+            exif.load(data)
+    else:
+        exif = image.getexif()
+    orientation = exif.get(EXIF_ORIENTATION, 1)
     return orientation if orientation in range(1, 9) else 1
+
+
+def png_exif_after_pixels(fp) -> bytes | None:
+    """The data of a PNG's eXIf chunk, found by reading each chunk's length and type and seeking
+    past its data (nothing is decompressed); None when there is none."""
+    position = fp.tell()
+    try:
+        fp.seek(0)
+        if fp.read(8) != PNG_SIGNATURE:
+            return None
+        while True:
+            head = fp.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"eXIf":
+                return fp.read(length)
+            if kind == b"IEND":
+                return None
+            fp.seek(length + 4, 1)  # the chunk's data and CRC
+    finally:
+        fp.seek(position)
 
 
 def open_image(path: Path) -> Image.Image:
@@ -50,35 +84,39 @@ def read_header(path: Path) -> Header:
             raise GenfusionError(f"{path}: corrupt or truncated image ({exc})") from exc
 
 
-def to_rgb(image: Image.Image, path: Path) -> tuple[Image.Image, str | None]:
+def to_rgb(image: Image.Image, path: Path) -> tuple[Image.Image, tuple[str, ...]]:
     """Decode, apply EXIF orientation and convert to 8-bit RGB.
 
-    Returns the image and the kind of conversion made (for the import report), or
-    None when the image was already 8-bit RGB.
+    Returns the image and each kind of conversion that changed its pixel values (for the import
+    report): empty when the image was already 8-bit RGB.
     """
+    # Pillow reads a 16-bit colour PNG as 8-bit RGB(A) (its high bytes) without saying so: only
+    # the decoder's raw mode tells, and it is gone once the image is loaded.
+    deep = image.format == "PNG" and any(";16" in str(tile.args) for tile in image.tile)
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, struct.error) as exc:
         raise GenfusionError(f"{path}: corrupt or truncated image ({exc})") from exc
     mode = image.mode
+    reduced = ("16bit",) if deep else ()
     if mode == "RGB":
-        return image, None
+        return image, reduced
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         # Aerial and microscope images use alpha for no-data; black is the usual fill.
         background = Image.new("RGB", image.size)
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-        return background, "alpha"
+        return background, (*reduced, "alpha")
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         values = np.asarray(image, dtype=np.float64)
         # Full 16-bit range to 8 bits; a 32-bit image holding 8-bit values is kept as is.
         scale = 255.0 / 65535.0 if values.max(initial=0) > 255 else 1.0
         gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB"), "16bit"
+        return Image.fromarray(gray, mode="L").convert("RGB"), ("16bit", "grayscale")
     if mode in ("L", "1"):
-        return image.convert("RGB"), "grayscale"
+        return image.convert("RGB"), (*reduced, "grayscale")
     if mode in ("P", "CMYK", "YCbCr", "LAB", "HSV"):
-        return image.convert("RGB"), mode.lower()
+        return image.convert("RGB"), (mode.lower(),)
     raise GenfusionError(
         f"{path}: unsupported pixel mode {mode!r}; convert it to 8-bit RGB, grayscale or 16-bit grayscale"
     )

@@ -573,15 +573,19 @@ def _describe(error: dict[str, Any], model: type[BaseModel] | None = None) -> st
     message = error["msg"].removeprefix("Value error, ")
     if not loc:  # a check across sections: the message names the keys, the input is the whole file
         return message
-    return f"{key}: {message} (got {error.get('input')!r})"
+    given = error.get("input")
+    # A check of a whole section gets the section as input, and some messages quote the value.
+    if isinstance(given, dict) or "got " in message:
+        return f"{key}: {message}"
+    return f"{key}: {message} (got {given!r})"
 
 
 def parse_params(data: Any, path: Path = Path("params.yaml")) -> Params:
     try:
         return Params.model_validate(data)
     except ValidationError as exc:
-        problems = "\n  ".join(_describe(e) for e in exc.errors())
-        raise GenfusionError(f"{path}: invalid params:\n  {problems}") from exc
+        # One line per problem, each naming the file and the key.
+        raise GenfusionError("\n".join(f"{path}: {_describe(e)}" for e in exc.errors())) from exc
 
 
 PARAMS_MISSING = "params file not found (run from the project root)"

@@ -33,7 +33,7 @@ class SceneImage(Protocol):
     size: tuple[int, int]  # (width, height)
     crs: object | None  # a georeferenced raster's CRS (rasterio's), else None
     transform: object | None  # its pixel-to-map affine transform, when it has a CRS
-    conversion: str | None  # how its pixels became 8-bit RGB (`images.to_rgb`'s names), or None
+    conversions: tuple[str, ...]  # how its pixels became 8-bit RGB (`images.to_rgb`'s names)
 
     def read(self, window: Window) -> np.ndarray:
         """The window's pixels, (height, width, 3) 8-bit RGB."""
@@ -69,7 +69,7 @@ class PillowScene:
             check_pixel_count(self.path, raw.size, max_pixels)
             # Kept as Pillow holds it, and cut per window: a numpy copy of the whole scene would
             # nearly double the peak memory.
-            self.image, self.conversion = to_rgb(raw, self.path)
+            self.image, self.conversions = to_rgb(raw, self.path)
         self.size = self.image.size
         self.crs = None
         self.transform = None
@@ -126,7 +126,7 @@ class RasterScene:
             )
         self.bands = [1, 1, 1] if source.count == 1 else [1, 2, 3]
         self.alpha = source.count == 4
-        self.conversion = {1: "grayscale", 3: None, 4: "alpha"}[source.count]
+        self.conversions = {1: ("grayscale",), 3: (), 4: ("alpha",)}[source.count]
         self.size = (source.width, source.height)
         self.crs = source.crs
         self.transform = source.transform if source.crs is not None else None

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,10 +72,7 @@ def geojson(found: Detections, names: dict[int, str], crs, transform) -> dict:
 def main(params: Params, *, weights: Path, images: Sequence[Path], out: Path) -> None:
     if not weights.is_file():
         raise GenfusionError(f"{weights}: weights file not found")
-    try:
-        model = load_yolo(weights)
-    except Exception as exc:  # Ultralytics raises many kinds for a file that is not a model
-        raise GenfusionError(f"{weights}: not a YOLO detector's weights ({exc})") from exc
+    model = load_yolo(weights)
     check_slicing(model, weights, params.predict)
     names = {int(k): v for k, v in model.names.items()}
     coco = {
@@ -94,8 +92,14 @@ def main(params: Params, *, weights: Path, images: Sequence[Path], out: Path) ->
             f"several images are named {twice[0]!r} (e.g. in different folders or as .tif and .tiff);"
             " their outputs would overwrite each other: predict them into separate --out folders"
         )
+    converted: Counter = Counter()
     for image_id, path in enumerate(files, start=1):
         scene = open_scene(path, params.seeds.max_pixels)
+        converted.update(scene.conversions)
+        if scene.conversions:
+            log.warning(
+                "%s: converted to 8-bit RGB (%s) before prediction", path, ", ".join(scene.conversions)
+            )
         try:
             found = predict_scene(
                 model, scene, params.predict, conf=params.predict.conf, iou=params.predict.iou,
@@ -123,6 +127,8 @@ def main(params: Params, *, weights: Path, images: Sequence[Path], out: Path) ->
             corners = (f"{float(v):.2f}" for v in (x0, y0, x1, y1))
             rows.writerow([str(path), *corners, names[int(class_index)], f"{float(score):.5f}"])
         log.info("predict: %s: %d boxes", path, len(found))
+    if converted:
+        log.info("predict: images converted to 8-bit RGB, by kind: %s", dict(sorted(converted.items())))
     fsio.write_text(out / "predictions.json", json.dumps(coco) + "\n")
     fsio.write_text(out / "predictions.csv", table.getvalue())
     for name, collection in maps.items():

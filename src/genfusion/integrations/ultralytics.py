@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,8 +78,26 @@ def load_yolo(model: str | Path) -> YOLO:
         model = YOLO(name)
     except FileNotFoundError as exc:
         raise GenfusionError(f"train.model: cannot build {name!r}: {exc}") from exc
+    except Exception as exc:  # Ultralytics raises many kinds for a file that is not a checkpoint
+        if not name.endswith(".pt"):
+            raise
+        raise GenfusionError(
+            f"{name}: not a YOLO weights file ({checkpoint_problem(exc)}); give a detector the train"
+            " stage saved (models/detectors/<variant>-<seed>/weights/best.pt) or weights saved by Ultralytics"
+        ) from exc
     keep_threads(model)
     return model
+
+
+def checkpoint_problem(exc: Exception) -> str:
+    """What was wrong with a file that is not a checkpoint, in one line: the cause Ultralytics
+    quotes (UnpicklingError: ...), without its advice to download an official model."""
+    text = str(exc)
+    quoted = re.search(r"\((\w+(?:Error|Exception): [^\n]*?)\)\.?(?:\n|$)", text)
+    if quoted:
+        return quoted.group(1)
+    first = text.splitlines()[0].strip() if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 # Where Ultralytics has just selected its device, which on a CPU sets torch's thread count.

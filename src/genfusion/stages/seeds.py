@@ -118,8 +118,8 @@ def scene_tiles(
     an orthomosaic is thousands of tiles, which the progress bar counts)."""
     for source, split_tiles_ in by_scene.items():
         scene = open_scene(source, max_pixels)
-        if scene.conversion:
-            counts[f"converted_{scene.conversion}"] += 1
+        for kind in scene.conversions:
+            counts[f"converted_{kind}"] += 1
         try:
             for split, tile in split_tiles_:
                 yield scene, split, tile
