@@ -492,3 +492,61 @@ def test_an_oversized_png_is_refused_before_it_is_decoded(tmp_path: Path) -> Non
         assert f"{path}: 14000 x 13000 px (182 megapixels) is over seeds.max_pixels (100,000,000)" in message
     assert int(grown_mb) < 100, f"peak memory grew by {grown_mb} MB while refusing"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_a_run_killed_between_its_two_outputs_leaves_a_mix_that_evaluation_refuses(
+    neon_seeds: Path, tmp_path: Path
+) -> None:
+    """`seeds` writes the real tiles, then the test scenes: killed in between, the tiles are new
+    and the scenes old. Both carry the import they come from, so evaluation refuses to score a
+    detector on the mix, and the next run repairs it."""
+    import signal
+    import subprocess
+    import sys
+
+    import killed_genfusion
+    import yaml
+
+    from genfusion import layout
+    from genfusion.scenes import read_scene_set
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["seeds"]["source"] = str(neon_seeds)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    seeds = ["seeds", "--out", "data/real", "--scenes", "data/scenes/test", "--report", "import.json"]
+    cli = [sys.executable, "-c", "from genfusion.cli import main; main()"]
+
+    def run(command: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+
+    def imports() -> tuple[str, str]:
+        scenes = read_scene_set(tmp_path / "data/scenes/test").ground_truth["info"][layout.GENERATION]
+        return layout.dataset_generation(tmp_path / "data/real"), scenes
+
+    assert run([*cli, *seeds]).returncode == 0
+    first, scenes = imports()
+    assert first == scenes and len(first) == 16
+
+    params["seeds"]["tile_size"] = 256  # another import: other tiles
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    kill = killed_genfusion.command("after", "genfusion.stages.seeds.write_real_dataset", 1)
+    assert run([*kill, *seeds]).returncode == -signal.SIGKILL
+    tiles, scenes = imports()
+    assert tiles != first and scenes == first
+
+    assert (
+        run([*cli, "datasets", "real", "--real", "data/real", "--out", "data/datasets/real"]).returncode == 0
+    )
+    evaluate = [*cli, "evaluate", "--weights", "never-read.pt", "--scenes", "data/scenes/test"]
+    evaluate += ["--data", "data/datasets/real", "--variant", "real", "--seed", "0"]
+    evaluate += ["--out", "eval.json", "--detections", "detections.json"]
+    refused = run(evaluate)
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert "come from different runs of the seeds stage" in line and "run `dvc repro seeds`" in line
+    assert not (tmp_path / "eval.json").exists()
+
+    assert run([*cli, *seeds]).returncode == 0
+    tiles, scenes = imports()
+    assert tiles == scenes != first

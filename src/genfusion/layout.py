@@ -13,11 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from genfusion.errors import GenfusionError
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.csv"
 DATASET_YAML = "dataset.yaml"
+# The key of the real dataset's dataset.yaml (and of its test scenes' COCO `info`) naming the
+# import it comes from.
+GENERATION = "generation"
 # A label mask (`masks/<stem>.png`) holds 0 for background, c+1 for class c, and this for
 # "uncertain": pixels no box covers and no loss counts.
 IGNORE = 255
@@ -34,6 +39,20 @@ def project_root() -> Path:
 def detector_weights(detectors: Path, name: str) -> Path:
     """The weights the train stage keeps of detector `name` (`<variant>-<seed>`)."""
     return Path(detectors) / name / "weights" / "best.pt"
+
+
+def dataset_generation(real: Path) -> str | None:
+    """The import the real dataset `real` comes from (None for one written before it was recorded)."""
+    path = Path(real) / DATASET_YAML
+    if not path.is_file():
+        return None
+    return (yaml.safe_load(path.read_text()) or {}).get(GENERATION)
+
+
+def real_of(dataset: Path) -> Path:
+    """The real dataset whose val and test splits the variant dataset `dataset` points at."""
+    test = yaml.safe_load((Path(dataset) / DATASET_YAML).read_text())["test"]
+    return (Path(dataset) / test).resolve().parent.parent
 
 
 def images_dir(root: Path, split: str | None = None) -> Path:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from genfusion import fsio
+from genfusion import fsio, layout
 from genfusion.boxes import Box, LabelledImage
 from genfusion.errors import GenfusionError
 from genfusion.images import read_header
@@ -111,11 +111,17 @@ def coco_ground_truth(scenes: Sequence[Scene], file_names: Sequence[str], classe
 
 
 def write_scene_set(
-    out: Path, scenes: Sequence[Scene], classes: Sequence[str], what: str, max_pixels: int
+    out: Path,
+    scenes: Sequence[Scene],
+    classes: Sequence[str],
+    what: str,
+    max_pixels: int,
+    generation: str | None = None,
 ) -> None:
     """Write the scenes whole as 8-bit RGB (`scene_images.copy_scene`: PNG, or a tiled GeoTIFF
     for a scene read window by window) with their COCO ground truth; `out` appears only when
-    complete."""
+    complete. `generation` names the import of the real tiles written with it (the seeds stage's
+    test scenes), kept in the ground truth's COCO `info`."""
     names = Counter(scene.name for scene in scenes)
     clashes = sorted(name for name, count in names.items() if count > 1)
     if clashes:
@@ -134,6 +140,8 @@ def write_scene_set(
                 reader.close()
             file_names.append(copy.relative_to(tmp).as_posix())
         ground_truth = coco_ground_truth(scenes, file_names, classes)
+        if generation is not None:
+            ground_truth = {"info": {layout.GENERATION: generation}} | ground_truth
         (tmp / ANNOTATIONS).write_text(json.dumps(ground_truth, indent=1) + "\n")
 
 
@@ -148,6 +156,18 @@ class SceneSet:
     @property
     def images(self) -> list[dict]:
         return self.ground_truth["images"]
+
+
+def check_same_import(scene_set: SceneSet, real: Path) -> None:
+    """The seeds stage's test scenes and the real tiles come from one import: a run stopped
+    between writing the two leaves new tiles (and detectors trained on them) beside old scenes."""
+    scenes = scene_set.ground_truth.get("info", {}).get(layout.GENERATION)
+    tiles = layout.dataset_generation(real)
+    if scenes and tiles and scenes != tiles:
+        raise GenfusionError(
+            f"{scene_set.folder} and {real} come from different runs of the seeds stage (imports"
+            f" {scenes} and {tiles}), as when a run is stopped between writing them; run `dvc repro seeds`"
+        )
 
 
 def read_scene_set(folder: Path) -> SceneSet:

@@ -22,7 +22,7 @@ import numpy as np
 from genfusion import fsio, layout, scoring
 from genfusion.params import Params, TrainParams
 from genfusion.scene_detection import detect_scenes, load_detector
-from genfusion.scenes import read_scene_set
+from genfusion.scenes import check_same_import, read_scene_set
 
 
 def model_name(model: str) -> str:
@@ -72,6 +72,8 @@ def main(
     data: Path | None = None,
 ) -> None:
     scene_set = read_scene_set(scenes)
+    if data is not None:
+        check_same_import(scene_set, layout.real_of(data))
     found = detect_scenes(weights, scene_set, params)
     matches = scoring.match(scene_set.ground_truth, found, params.evaluate.bootstrap_cell)
     metrics, curve = scoring.score(matches, params.evaluate.pr_conf)

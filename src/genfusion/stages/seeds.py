@@ -9,6 +9,7 @@ tiles never straddle train and test) and writes `data/real/` plus an import repo
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 from collections import Counter
@@ -104,8 +105,18 @@ def split_tiles(tiles: Sequence[Tile], params: SeedsParams) -> dict[str, list[Ti
     return splits
 
 
-def dataset_yaml(classes: Sequence[str]) -> str:
+def import_generation(folder: Path) -> str:
+    """What identifies one import: a digest of every tile, label and the manifest written."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def dataset_yaml(classes: Sequence[str], generation: str) -> str:
     body = {s: f"images/{s}" for s in SPLITS} | {"names": dict(enumerate(classes))}
+    # Which import these tiles are: the test scenes written with them carry the same.
+    body[layout.GENERATION] = generation
     return "# YOLO dataset written by `genfusion seeds`; paths are relative to this file.\n" + yaml.safe_dump(
         body, sort_keys=False
     )
@@ -173,7 +184,9 @@ def write_real_dataset(
                     ]
                 )
         (tmp / layout.MANIFEST).write_text(manifest.getvalue())
-        (tmp / layout.DATASET_YAML).write_text(dataset_yaml(classes))
+        generation = import_generation(tmp)
+        (tmp / layout.DATASET_YAML).write_text(dataset_yaml(classes, generation))
+    return generation
 
 
 def import_report(scenes: Sequence[Scene], splits: dict[str, list[Tile]], counts: Counter) -> dict:
@@ -240,10 +253,12 @@ def run_seeds(
     check_tile_size(scenes, params.tile_size)
     tiles = plan_tiles(scenes, params, counts)
     splits = split_tiles(tiles, params)
-    write_real_dataset(out, splits, classes, counts, task, params.max_pixels)
+    generation = write_real_dataset(out, splits, classes, counts, task, params.max_pixels)
     if scenes_out is not None:
+        # A run stopped between the two writes leaves new tiles beside old scenes: the generation
+        # both carry lets the stages that read both refuse the mix (scenes.check_same_import).
         write_scene_set(
-            scenes_out, test_scenes(splits, out), classes, "seeds: test scenes", params.max_pixels
+            scenes_out, test_scenes(splits, out), classes, "seeds: test scenes", params.max_pixels, generation
         )
     report = import_report(scenes, splits, counts)
     log.info(
