@@ -66,6 +66,10 @@ def _setup(
         format="%(message)s",
         handlers=[RichHandler(show_path=False, show_time=False, rich_tracebacks=False)],
     )
+    if not verbose:
+        # The Label Studio SDK's HTTP client logs every request at INFO, among them the
+        # `404 Not Found` that ends its paging, which reads like an error.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _params(path: Path):
