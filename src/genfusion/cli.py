@@ -671,6 +671,9 @@ def cross_scene_report(
     ] = None,
     summary: Annotated[Path, typer.Option(help="JSON to write.")] = Path("metrics/cross_scene.json"),
     markdown: Annotated[Path, typer.Option(help="Markdown to write.")] = Path("reports/cross_scene.md"),
+    figure: Annotated[Path, typer.Option(help="The verdict's forest plot (PNG) to write.")] = Path(
+        "reports/cross_scene_verdict.png"
+    ),
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Pool the folds' detections: AP per variant with intervals, paired differences to real, and
@@ -684,6 +687,7 @@ def cross_scene_report(
         predictions=predictions or pipeline_path("predictions"),
         summary=summary,
         markdown=markdown,
+        figure=figure,
     )
 
 

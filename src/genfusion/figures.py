@@ -1,9 +1,11 @@
 """Figures more than one command draws: a labelled grid of thumbnails (the gallery and the
-report's detections), and AP50 against the number of synthetic images (the report and sweeps)."""
+report's detections), the verdict as a forest plot (the report and the cross-scene report), and
+AP50 against the number of synthetic images (sweeps)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -54,5 +56,85 @@ def synthetic_figure(points: Sequence[tuple[str, int, float, float]]):
     axes.set(xlabel="synthetic train images", ylabel="AP50 on the real test split")
     axes.set_title("AP50 against the number of synthetic images")
     axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+# The verdict's measures: (summary key, axis label).
+VERDICT_MEASURES = (("map50", "Δ AP50"), ("map", "Δ AP@0.5:0.95"))
+
+
+@dataclass(frozen=True)
+class VerdictRow:
+    """One row of the verdict: a variant's paired difference to the baseline on one test set."""
+
+    panel: str  # the test set (or the pooled folds)
+    label: str  # the variant, and its model when the table has several
+    measure: str  # a key of VERDICT_MEASURES
+    delta: float  # the difference of the means over seeds
+    low: float | None  # its 95 % interval (None without bootstrap)
+    high: float | None
+    seeds: tuple[float, ...]  # each seed's own difference
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low is not None and self.high is not None and (self.low > 0 or self.high < 0)
+
+
+def verdict_rows(panels: Mapping[str, dict], baseline: str = "real") -> list[VerdictRow]:
+    """The verdict's rows from report summaries ({panel: summary}, as metrics/summary.json holds
+    one per test set): every variant but the baseline, for each measure, in the summary's order."""
+    rows = []
+    for panel, summary in panels.items():
+        several = len({model for models in summary.values() for model in models}) > 1
+        for variant, models in summary.items():
+            if variant == baseline:
+                continue
+            for model, row in models.items():
+                label = f"{variant} ({model})" if several else variant
+                for key, _ in VERDICT_MEASURES:
+                    if row.get(f"{key}_delta") is None:
+                        continue
+                    seeds = tuple(paired[f"{key}_delta"] for paired in row.get("paired", {}).values())
+                    low, high = row.get(f"{key}_delta_low"), row.get(f"{key}_delta_high")
+                    rows.append(VerdictRow(panel, label, key, row[f"{key}_delta"], low, high, seeds))
+    return rows
+
+
+def verdict_figure(rows: Sequence[VerdictRow], baseline: str = "real"):
+    """A forest plot: a panel per test set and measure, a row per variant with its paired
+    difference to the baseline and 95 % interval, each seed's own difference as a small grey
+    point, a line at zero; a row whose interval excludes zero is filled and starred."""
+    from matplotlib.figure import Figure
+
+    panels = list(dict.fromkeys(row.panel for row in rows))
+    labels = list(dict.fromkeys(row.label for row in rows))
+    figure = Figure(figsize=(10, 1.2 + 0.45 * len(labels) * len(panels) + 0.6 * len(panels)), dpi=100)
+    grid_axes = figure.subplots(len(panels), len(VERDICT_MEASURES), squeeze=False)
+    for p, panel in enumerate(panels):
+        for m, (key, title) in enumerate(VERDICT_MEASURES):
+            axes = grid_axes[p][m]
+            axes.axvline(0, color="black", linewidth=0.8)
+            mine = {row.label: row for row in rows if row.panel == panel and row.measure == key}
+            for y, label in enumerate(labels):
+                row = mine.get(label)
+                if row is None:
+                    continue
+                axes.scatter(row.seeds, [y] * len(row.seeds), s=10, color="grey", zorder=2)
+                error = None
+                if row.low is not None and row.high is not None:
+                    error = [[row.delta - row.low], [row.high - row.delta]]
+                axes.errorbar(
+                    [row.delta], [y], xerr=error, fmt="o", capsize=3, color="tab:blue", zorder=3,
+                    markerfacecolor="tab:blue" if row.excludes_zero else "white",
+                )  # fmt: skip
+            axes.set_yticks(range(len(labels)))
+            axes.set_yticklabels(
+                [f"{label} *" if label in mine and mine[label].excludes_zero else label for label in labels]
+            )
+            axes.invert_yaxis()
+            axes.set_title(f"{panel}: {title} to {baseline}", fontsize=10)
+            axes.grid(axis="x", alpha=0.3)
+    figure.suptitle("Each variant against the real-only detector (95 % interval; * excludes zero)")
     figure.tight_layout()
     return figure

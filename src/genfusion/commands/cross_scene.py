@@ -25,6 +25,7 @@ from pathlib import Path
 from genfusion import fsio, scoring
 from genfusion.commands.experiments import revisions
 from genfusion.errors import GenfusionError
+from genfusion.figures import verdict_figure, verdict_rows
 from genfusion.params import Params, override_value, parse_params, profile_overrides, read_yaml
 from genfusion.scenes import ANNOTATIONS
 from genfusion.stages.evaluate import model_name
@@ -151,7 +152,15 @@ def fold_table(folds: Sequence[Fold]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_main(params: Params, *, scenes: Path, predictions: Path, summary: Path, markdown: Path) -> None:
+def verdict_panels(results: dict, scenes: int) -> dict[str, dict]:
+    """The verdict's panels of a cross-scene summary: pooled first, then each fold."""
+    panels = {f"pooled over {scenes} held-out scenes": results["pooled"]}
+    return panels | {f"held out {scene}": table for scene, table in results["folds"].items()}
+
+
+def report_main(
+    params: Params, *, scenes: Path, predictions: Path, summary: Path, markdown: Path, figure: Path
+) -> None:
     # Every commit's experiments: folds run before the last commit still count.
     done = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], capture_output=True, text=True)
     if done.returncode:
@@ -190,7 +199,9 @@ def report_main(params: Params, *, scenes: Path, predictions: Path, summary: Pat
     table, units = interval_table(truth, detections, records, params.evaluate)
     cell = params.evaluate.bootstrap_cell
     unit = f"{units} cells of {cell} px" if cell else f"{units} images"
-    fsio.write_json(summary, {"pooled": table, "folds": {fold.scene: fold.summary["test"] for fold in folds}})
+    results = {"pooled": table, "folds": {fold.scene: fold.summary["test"] for fold in folds}}
+    fsio.write_json(summary, results)
+    fsio.write_png(figure, verdict_figure(verdict_rows(verdict_panels(results, len(truth["images"])))))
     fsio.write_text(
         markdown,
         "# Cross-scene evaluation (leave one scene out)\n\n"

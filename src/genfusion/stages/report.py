@@ -24,7 +24,7 @@ import numpy as np
 
 from genfusion import fsio, scoring
 from genfusion.errors import GenfusionError
-from genfusion.figures import synthetic_figure, synthetic_points
+from genfusion.figures import verdict_figure, verdict_rows
 from genfusion.params import TEST_SET
 from genfusion.scene_images import open_scene
 from genfusion.scenes import read_scene_set
@@ -241,7 +241,16 @@ def pr_figure(curves: dict[str, list[tuple[list[float], list[float]]]]):
         recall = runs[0][0]
         precision = np.mean([run[1] for run in runs], axis=0)
         axes.plot(recall, precision, label=f"{variant} ({len(runs)} seed{'s' * (len(runs) > 1)})")
-    axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1))
+    # Axes fitted to the curves: a weak detector's curves fill only a corner of the unit square.
+    runs = [run for variant_runs in curves.values() for run in variant_runs]
+    reach = max((r for run in runs for r, p in zip(*run, strict=True) if p > 0), default=0.0)
+    top = max((p for run in runs for p in run[1]), default=0.0)
+    axes.set(
+        xlabel="recall",
+        ylabel="precision",
+        xlim=(0, min(1.0, 1.1 * reach) or 1.0),
+        ylim=(0, min(1.0, 1.1 * top) or 1.0),
+    )
     axes.set_title("Precision-recall at IoU 0.5 on the test scenes")
     axes.legend()
     figure.tight_layout()
@@ -373,7 +382,8 @@ def main(
             test_detections = found
     curves = {v: [read_pr_curve(pr_dir / f"{v}-{s}.csv") for s in seeds] for v in variants}
     fsio.write_png(figures / "pr_curves.png", pr_figure(curves))
-    fsio.write_png(figures / "ap_vs_synthetic.png", synthetic_figure(synthetic_points(tables[TEST_SET])))
+    panels = {("test split" if name == TEST_SET else name): table for name, table in tables.items()}
+    fsio.write_png(figures / "verdict.png", verdict_figure(verdict_rows(panels, BASELINE), BASELINE))
     test_scenes = read_scene_set(scenes / TEST_SET)
     fsio.write_png(figures / "detections.png", detections_figure(test_scenes, test_detections, params))
     fsio.write_json(summary, tables)
