@@ -89,7 +89,7 @@ def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(tiny_run: Tin
     assert len(scene["annotations"]) == 61  # each tree once, although the test tiles overlap
     real_tiles = json.loads((repo / "metrics/import.json").read_text())["tiles"]["train"]
     assert json.loads((repo / "data/datasets/real/counts.json").read_text())["train_images"] == real_tiles
-    for figure in ("pr_curves", "ap_vs_synthetic", "detections", "gallery"):
+    for figure in ("verdict", "pr_curves", "detections", "gallery"):
         assert (repo / f"reports/{figure}.png").read_bytes().startswith(b"\x89PNG"), figure
     assert list((repo / "metrics/train/real-0/plots/metrics").rglob("*.tsv"))
 
@@ -191,6 +191,8 @@ def test_metrics_and_plots_compare_across_branches(tiny_project: Path) -> None:
     assert not plots.get("errors"), plots["errors"]
     names = set(plots["data"])
     assert {"metrics/pr/real-0.csv", "reports/pr_curves.png", "reports/detections.png"} <= names
+    # Both runs' verdicts, side by side.
+    assert {entry["revisions"][0] for entry in plots["data"]["reports/verdict.png"]} == {"main", "workspace"}
     assert any(name.startswith("metrics/train/real-0/plots/") for name in names)
     assert any(name.startswith("metrics/finetune/canopy/plots/") for name in names)
     run(repo, "dvc", "plots", "diff", "main", "-o", "plots-out")
@@ -260,3 +262,42 @@ def test_a_copied_projects_app_shows_its_own_images_and_each_detectors_mistakes_
     assert state["moved"] == len(state["files"]) > 0
     root = tiny_project.resolve()
     assert all(Path(f).is_relative_to(root) and Path(f).is_file() for f in state["files"])
+
+
+def test_the_verdict_figure_draws_the_summarys_differences_and_intervals(tiny_run: TinyRun) -> None:
+    """reports/verdict.png's rows: every variant but real on every test set, for both measures,
+    each with the paired difference, interval and per-seed differences of metrics/summary.json,
+    drawn where they are."""
+    from genfusion.figures import VERDICT_MEASURES, verdict_figure, verdict_rows
+
+    summary = json.loads((tiny_run.repo / "metrics/summary.json").read_text())
+    panels = {("test split" if name == "test" else name): table for name, table in summary.items()}
+    rows = verdict_rows(panels)
+    measures = [key for key, _ in VERDICT_MEASURES]
+    assert [(r.panel, r.label, r.measure) for r in rows] == [
+        (panel, variant, key)
+        for panel, table in panels.items()
+        for variant in table
+        if variant != "real"
+        for key in measures
+    ]
+    assert len(panels) == 2 and len(rows) == 2 * 2 * (
+        len(VARIANTS) - 1 + 1
+    )  # the variants and the two-phase row
+    for row in rows:
+        (cell,) = panels[row.panel][row.label].values()
+        key = row.measure
+        assert (row.delta, row.low, row.high) == (
+            cell[f"{key}_delta"],
+            cell[f"{key}_delta_low"],
+            cell[f"{key}_delta_high"],
+        )
+        assert row.seeds == tuple(seed[f"{key}_delta"] for seed in cell["paired"].values())
+    figure = verdict_figure(rows)
+    for axes, (panel, key) in zip(figure.axes, [(p, k) for p in panels for k in measures], strict=True):
+        drawn = [(c.lines[0].get_xdata()[0], c.lines[2][0].get_segments()[0]) for c in axes.containers]
+        mine = [r for r in rows if (r.panel, r.measure) == (panel, key)]
+        assert [x for x, _ in drawn] == [r.delta for r in mine]
+        assert [(s[0][0], s[1][0]) for _, s in drawn] == pytest.approx([(r.low, r.high) for r in mine])
+        starred = [label.get_text() for label in axes.get_yticklabels() if label.get_text().endswith(" *")]
+        assert starred == [f"{r.label} *" for r in mine if r.excludes_zero]

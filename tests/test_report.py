@@ -184,3 +184,38 @@ def test_detections_figure_draws_a_large_scene_from_a_preview(tmp_path: Path) ->
     rows, columns = np.nonzero(red)
     # The box spans 300 of 3000 px across: about 40 of the preview's 400 (drawn 2 px wide).
     assert 195 <= columns.min() <= 205 and 235 <= columns.max() <= 245
+
+
+def test_verdict_rows_follow_the_summary_and_star_only_intervals_that_exclude_zero() -> None:
+    from genfusion.figures import verdict_figure, verdict_rows
+
+    def cell(delta: float, low: float | None, high: float | None, seeds: list[float]) -> dict:
+        paired = {str(s): {"map50_delta": d, "map_delta": d / 2} for s, d in enumerate(seeds)}
+        interval = {} if low is None else {"map50_delta_low": low, "map50_delta_high": high}
+        return {"yolov8n": {"map50_delta": delta, "map_delta": delta / 2, "paired": paired, **interval}}
+
+    summary = {
+        "real": {"yolov8n": {"map50_delta": 0.0, "map_delta": 0.0}},
+        "worse": cell(-0.04, -0.06, -0.02, [-0.05, -0.03]),
+        "unclear": cell(0.01, -0.02, 0.05, [0.03, -0.01]),
+        "unbootstrapped": cell(0.02, None, None, [0.02]),
+    }
+    rows = verdict_rows({"test split": summary})
+    ap50 = [r for r in rows if r.measure == "map50"]
+    assert [(r.label, r.delta, r.low, r.high, r.seeds, r.excludes_zero) for r in ap50] == [
+        ("worse", -0.04, -0.06, -0.02, (-0.05, -0.03), True),
+        ("unclear", 0.01, -0.02, 0.05, (0.03, -0.01), False),
+        ("unbootstrapped", 0.02, None, None, (0.02,), False),
+    ]
+    assert [r.label for r in rows if r.measure == "map"] == ["worse", "unclear", "unbootstrapped"]
+    labels = [t.get_text() for t in verdict_figure(rows).axes[0].get_yticklabels()]
+    assert labels == ["worse *", "unclear", "unbootstrapped"]
+
+
+def test_precision_recall_axes_fit_the_curves() -> None:
+    from genfusion.stages.report import pr_figure
+
+    recall = [i / 100 for i in range(101)]
+    precision = [0.5 if r <= 0.2 else 0.0 for r in recall]
+    axes = pr_figure({"real": [(recall, precision)]}).axes[0]
+    assert axes.get_xlim() == pytest.approx((0, 0.22)) and axes.get_ylim() == pytest.approx((0, 0.55))

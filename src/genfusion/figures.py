@@ -133,8 +133,11 @@ def verdict_figure(rows: Sequence[VerdictRow], baseline: str = "real"):
                 [f"{label} *" if label in mine and mine[label].excludes_zero else label for label in labels]
             )
             axes.invert_yaxis()
-            axes.set_title(f"{panel}: {title} to {baseline}", fontsize=10)
+            axes.set_title(panel, fontsize=9)
+            axes.set_xlabel(f"{title} to {baseline}")
             axes.grid(axis="x", alpha=0.3)
-    figure.suptitle("Each variant against the real-only detector (95 % interval; * excludes zero)")
-    figure.tight_layout()
+    figure.suptitle(
+        f"Each variant against {baseline}: paired difference, 95 % interval (* excludes zero), grey: a seed"
+    )
+    figure.tight_layout(rect=(0, 0, 1, 0.98))
     return figure
