@@ -298,6 +298,7 @@ def test_the_verdict_figure_draws_the_summarys_differences_and_intervals(tiny_ru
         drawn = [(c.lines[0].get_xdata()[0], c.lines[2][0].get_segments()[0]) for c in axes.containers]
         mine = [r for r in rows if (r.panel, r.measure) == (panel, key)]
         assert [x for x, _ in drawn] == [r.delta for r in mine]
-        assert [(s[0][0], s[1][0]) for _, s in drawn] == pytest.approx([(r.low, r.high) for r in mine])
+        ends = [end for _, segment in drawn for end in (segment[0][0], segment[1][0])]
+        assert ends == pytest.approx([end for r in mine for end in (r.low, r.high)])
         starred = [label.get_text() for label in axes.get_yticklabels() if label.get_text().endswith(" *")]
         assert starred == [f"{r.label} *" for r in mine if r.excludes_zero]

@@ -210,6 +210,9 @@ def test_verdict_rows_follow_the_summary_and_star_only_intervals_that_exclude_ze
     assert [r.label for r in rows if r.measure == "map"] == ["worse", "unclear", "unbootstrapped"]
     labels = [t.get_text() for t in verdict_figure(rows).axes[0].get_yticklabels()]
     assert labels == ["worse *", "unclear", "unbootstrapped"]
+    # Only the baseline trained (a cross-scene fold of `real` alone): a figure that says so.
+    (said,) = verdict_figure(verdict_rows({"test split": {"real": summary["real"]}})).texts
+    assert "nothing to compare" in said.get_text()
 
 
 def test_precision_recall_axes_fit_the_curves() -> None:

@@ -109,6 +109,10 @@ def verdict_figure(rows: Sequence[VerdictRow], baseline: str = "real"):
 
     panels = list(dict.fromkeys(row.panel for row in rows))
     labels = list(dict.fromkeys(row.label for row in rows))
+    if not rows:  # only the baseline was trained: the figure, a declared output, says so
+        figure = Figure(figsize=(6, 1.5), dpi=100)
+        figure.text(0.5, 0.5, f"No variant but {baseline} was trained: nothing to compare.", ha="center")
+        return figure
     figure = Figure(figsize=(10, 1.2 + 0.45 * len(labels) * len(panels) + 0.6 * len(panels)), dpi=100)
     grid_axes = figure.subplots(len(panels), len(VERDICT_MEASURES), squeeze=False)
     for p, panel in enumerate(panels):
