@@ -453,3 +453,46 @@ def test_generated_images_carry_the_labels_that_labels_source_chooses(tmp_path: 
         generated = {i.path.stem: len(i.labels) for i in items if i.source == "generated"}
         counts[label_source] = (generated["canopy_00000"], generated["canopy_00001"])
     assert counts == {"auto": (1, 1), "manual": (2, 0), "manual_else_auto": (2, 1)}
+
+
+# A process that makes a dataset in the database folder argv[1] and, with argv[3] = "hold", keeps
+# FiftyOne's database service running until its stdin closes.
+DATASET_IN_FOLDER = """
+import sys
+from pathlib import Path
+from genfusion.integrations.fiftyone import connect, use_database
+
+use_database(Path(sys.argv[1]))
+connect()
+import fiftyone as fo
+
+fo.Dataset(sys.argv[2], persistent=True)
+print(sorted(fo.list_datasets()), flush=True)
+if sys.argv[3] == "hold":
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.integration
+def test_a_project_gets_its_own_database_while_another_projects_runs(tmp_path: Path) -> None:
+    """FiftyOne attaches to any of its database services already running on the machine: with
+    another project's App or stage running, a dataset would land in that project's database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIFTYONE_")}
+    command = [sys.executable, "-c", DATASET_IN_FOLDER]
+    other = subprocess.Popen(
+        [*command, str(tmp_path / "other"), "theirs", "hold"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert other.stdout.readline().strip() == "['theirs']"  # its service is up
+        mine = subprocess.run(
+            [*command, str(tmp_path / "mine"), "ours", "done"], capture_output=True, text=True, env=env
+        )
+        assert mine.returncode == 0, mine.stderr[-2000:]
+        assert mine.stdout.strip().splitlines()[-1] == "['ours']"  # not ['ours', 'theirs']
+    finally:
+        other.stdin.close()
+        other.wait(timeout=120)

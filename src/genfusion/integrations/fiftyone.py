@@ -31,9 +31,28 @@ def use_database(directory: Path) -> None:
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
 
 
+def serve_this_folder_only() -> None:
+    """Make FiftyOne attach only to a database service of this process's database folder.
+
+    FiftyOne attaches to any of its database services running on the machine, found by the
+    service's arguments, whatever folder that service serves: while another project's App or
+    stage runs, this project's dataset would be written into that project's database. The service
+    takes further flags by design (its main skips flags it does not know); one naming the folder
+    makes the arguments, and so the match, this folder's."""
+    import fiftyone as fo
+    from fiftyone.core import service
+
+    folder = str(Path(fo.config.database_dir).resolve())
+    generic = service.MultiClientService._service_args.fget
+    service.DatabaseService._service_args = property(
+        lambda self: [*generic(self), "--database-folder", folder]
+    )
+
+
 def connect() -> None:
     import fiftyone as fo
 
+    serve_this_folder_only()
     # FiftyOne gives its package loggers a handler of their own, and they also reach the
     # command's handler on the root logger: every message would be printed twice.
     for name in ("fiftyone", "eta"):
