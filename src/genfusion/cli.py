@@ -6,9 +6,11 @@ that `genfusion --help` answers at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Annotated
@@ -695,10 +697,14 @@ def main() -> None:
     try:
         app(standalone_mode=True)
     except GenfusionError as exc:
-        # Several processes of one stage meet the same error: the first one says it.
-        if os.environ.get("RANK", "0") == "0":
-            if _debug():
-                traceback.print_exception(exc)
+        if _debug():
+            traceback.print_exception(exc)
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file and "LOCAL_RANK" in os.environ:
+            # A process of a run on several: the launcher says the error once (a process that
+            # said it itself could be stopped by the launcher first, when another failed sooner).
+            Path(error_file).write_text(json.dumps({"message": str(exc), "timestamp": str(int(time.time()))}))
+        else:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
 

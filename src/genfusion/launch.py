@@ -58,8 +58,12 @@ def relaunch_as_processes(processes: int) -> bool:
     try:
         elastic_launch(config, sys.executable)("-m", "genfusion.cli", *sys.argv[1:])
     except ChildFailedError as exc:
+        # A GenfusionError exits 2, its message in the process's error file (genfusion.cli.main).
+        said = sorted(
+            r for r, f in exc.failures.items() if f.exitcode == 2 and "message" in f.error_file_data
+        )
+        if said:
+            raise GenfusionError(exc.failures[said[0]].message) from exc
         rank, failure = exc.get_first_failure()
-        if failure.exitcode == 2:  # a GenfusionError, which that process has said: exit as it did
-            raise SystemExit(2) from exc
         raise GenfusionError(f"process {rank} of {processes} failed (exit code {failure.exitcode})") from exc
     return True
