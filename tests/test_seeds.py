@@ -303,12 +303,18 @@ def test_a_held_out_test_scene_is_the_test_split(neon_items, tmp_path: Path) -> 
     for scene in ("SOAP_061", "2019_YELL_2_541000_4977000_image_crop"):
         out = tmp_path / scene
         report = run_seeds(
-            neon_items, seeds_params(test_scene=scene), ["tree"], out / "real", scenes_out=out / "scenes"
-        )
+            neon_items, seeds_params(test_scene=scene), ["tree"], out / "real",
+            scenes_out=out / "scenes", val_scenes_out=out / "val",
+        )  # fmt: skip
         assert report["scenes_per_split"] == {"train": 1, "val": 1, "test": 1}
         assert all(p.stem.startswith(scene) for p in (out / "real/images/test").glob("*.png"))
         truth = json.loads((out / "scenes/annotations.json").read_text())
         assert [i["file_name"] for i in truth["images"]] == [f"images/{scene}.png"]
+        # The val split whole too: the one other scene whose tiles are all in val, each tree once.
+        (val,) = json.loads((out / "val/annotations.json").read_text())["images"]
+        val_scene = Path(val["file_name"]).stem
+        val_tiles = {p.stem.rsplit("_", 2)[0] for p in (out / "real/images/val").glob("*.png")}
+        assert val_scene != scene and val_tiles == {val_scene}
     with pytest.raises(GenfusionError, match=r"seeds.test_scene: no scene named 'nowhere'.*OSBS_029"):
         run_seeds(neon_items, seeds_params(test_scene="nowhere"), ["tree"], tmp_path / "x")
     with pytest.raises(ValueError, match="needs split_by: scene"):
@@ -515,14 +521,19 @@ def test_a_run_killed_between_its_two_outputs_leaves_a_mix_that_evaluation_refus
     params["seeds"]["source"] = str(neon_seeds)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     seeds = ["seeds", "--out", "data/real", "--scenes", "data/scenes/test", "--report", "import.json"]
+    seeds += ["--val-scenes", "data/scenes/val"]
     cli = [sys.executable, "-c", "from genfusion.cli import main; main()"]
 
     def run(command: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
 
     def imports() -> tuple[str, str]:
-        scenes = read_scene_set(tmp_path / "data/scenes/test").ground_truth["info"][layout.GENERATION]
-        return layout.dataset_generation(tmp_path / "data/real"), scenes
+        test, val = (
+            read_scene_set(tmp_path / "data/scenes" / split).ground_truth["info"][layout.GENERATION]
+            for split in ("test", "val")
+        )
+        assert test == val
+        return layout.dataset_generation(tmp_path / "data/real"), test
 
     assert run([*cli, *seeds]).returncode == 0
     first, scenes = imports()
@@ -535,11 +546,8 @@ def test_a_run_killed_between_its_two_outputs_leaves_a_mix_that_evaluation_refus
     tiles, scenes = imports()
     assert tiles != first and scenes == first
 
-    assert (
-        run([*cli, "datasets", "real", "--real", "data/real", "--out", "data/datasets/real"]).returncode == 0
-    )
     evaluate = [*cli, "evaluate", "--weights", "never-read.pt", "--scenes", "data/scenes/test"]
-    evaluate += ["--data", "data/datasets/real", "--variant", "real", "--seed", "0"]
+    evaluate += ["--real", "data/real", "--variant", "real", "--seed", "0"]
     evaluate += ["--out", "eval.json", "--detections", "detections.json"]
     refused = run(evaluate)
     assert refused.returncode == 2

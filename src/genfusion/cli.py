@@ -104,12 +104,15 @@ def seeds(
     out: Annotated[Path, typer.Option(help="Output YOLO dataset folder.")],
     scenes: Annotated[Path, typer.Option(help="The test split's scenes, whole.")],
     report: Annotated[Path, typer.Option(help="Import report (JSON metric).")],
+    val_scenes: Annotated[
+        Path | None, typer.Option(help="The val split's scenes, whole (what `validate` scores).")
+    ] = None,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Import, normalise, tile and split the real seed images (source: seeds.source)."""
     from genfusion.stages.seeds import main
 
-    main(_params(params_path), out=out, scenes=scenes, report=report)
+    main(_params(params_path), out=out, scenes=scenes, val_scenes=val_scenes, report=report)
 
 
 @app.command()
@@ -188,6 +191,10 @@ def evaluate(
         Path | None,
         typer.Option(help="Dataset folder from `datasets`: adds the tile-level figures of its test split."),
     ] = None,
+    real: Annotated[
+        Path | None,
+        typer.Option(help="The real dataset `seeds` wrote with the scenes (another import's are refused)."),
+    ] = None,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Score a detector on whole scenes (params: predict, evaluate)."""
@@ -195,7 +202,7 @@ def evaluate(
 
     main(
         _params(params_path), weights=weights, scenes=scenes, variant=variant, seed=seed, out=out,
-        detections=detections, pr=pr, data=data,
+        detections=detections, pr=pr, data=data, real=real,
     )  # fmt: skip
 
 
@@ -630,6 +637,48 @@ def inspect_app_command(
     from genfusion.commands.inspect_app import main
 
     main(_params(params_path), port=port, host=host)
+
+
+tune_app = typer.Typer(
+    help="Settings chosen on validation: a profile's sweep run on every cross-scene fold, ranked.",
+    no_args_is_help=True,
+)
+app.add_typer(tune_app, name="tune")
+
+
+@tune_app.command("run")
+def tune_run(
+    profile: Annotated[
+        Path, typer.Argument(help="Profile whose sweep: is what to try (profiles/tune-real.yaml).")
+    ],
+    jobs: Annotated[int, typer.Option(help="Experiments run at once.")] = 1,
+    dry_run: Annotated[bool, typer.Option(help="Print the dvc commands instead of running them.")] = False,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Queue and run each trial of the profile on each fold, up to the val scenes' scores; trials
+    already run are skipped."""
+    from genfusion.commands.tuning import run_main
+    from genfusion.params import profile_trials
+
+    trials = profile_trials(profile, params_path)
+    sys.exit(run_main(_params(params_path), trials, jobs=jobs, dry_run=dry_run))
+
+
+@tune_app.command("report")
+def tune_report(
+    by: Annotated[str, typer.Option(help="The row whose pooled val AP50 ranks the trials.")] = "real",
+    summary: Annotated[Path, typer.Option(help="JSON to write.")] = Path("metrics/tuning.json"),
+    markdown: Annotated[Path, typer.Option(help="Markdown to write.")] = Path("reports/tuning.md"),
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Pool each trial's val scenes over its folds and rank the trials (params: evaluate)."""
+    from genfusion.commands.pipeline_paths import pipeline_path
+    from genfusion.commands.tuning import report_main
+
+    report_main(
+        _params(params_path), scenes=pipeline_path("scenes"), predictions=pipeline_path("predictions"),
+        by=by, summary=summary, markdown=markdown,
+    )  # fmt: skip
 
 
 cross_scene_app = typer.Typer(

@@ -49,12 +49,6 @@ def dataset_generation(real: Path) -> str | None:
     return (yaml.safe_load(path.read_text()) or {}).get(GENERATION)
 
 
-def real_of(dataset: Path) -> Path:
-    """The real dataset whose val and test splits the variant dataset `dataset` points at."""
-    test = yaml.safe_load((Path(dataset) / DATASET_YAML).read_text())["test"]
-    return (Path(dataset) / test).resolve().parent.parent
-
-
 def images_dir(root: Path, split: str | None = None) -> Path:
     return Path(root) / "images" / split if split else Path(root) / "images"
 

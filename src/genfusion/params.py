@@ -177,8 +177,10 @@ class PredictParams(Section):
         return self
 
 
-# The scene set the seeds stage writes; an extra set may not take its name.
+# The scene sets the seeds stage writes (the test and val splits whole); an extra set may not
+# take their names.
 TEST_SET = "test"
+VAL_SET = "val"
 
 
 class EvaluateParams(Section):
@@ -194,10 +196,10 @@ class EvaluateParams(Section):
     @classmethod
     def _named_apart(cls, v: dict[str, str]) -> dict[str, str]:
         for name in v:
-            if name == TEST_SET or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            if name in (TEST_SET, VAL_SET) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
                 raise ValueError(
                     f"{name!r}: an extra set's name is a folder name (letters, digits, _ . -),"
-                    f" and not {TEST_SET!r}"
+                    f" and neither {TEST_SET!r} nor {VAL_SET!r}"
                 )
         return v
 
@@ -641,6 +643,21 @@ def profile_overrides(profile_path: Path, params_path: Path = Path("params.yaml"
     dotted keys to lists of values, which DVC expands into one queued experiment per
     combination. Every combination is validated here, before anything runs.
     """
+    overrides, sweep = profile_sweep(profile_path, params_path)
+    return overrides + [f"{key}={','.join(override_value(v) for v in vs)}" for key, vs in sweep.items()]
+
+
+def profile_trials(profile_path: Path, params_path: Path = Path("params.yaml")) -> list[list[str]]:
+    """The profile's overrides for each combination of its sweep (one, without a sweep)."""
+    overrides, sweep = profile_sweep(profile_path, params_path)
+    return [
+        overrides + [f"{key}={override_value(value)}" for key, value in zip(sweep, combination, strict=True)]
+        for combination in itertools.product(*sweep.values())
+    ]
+
+
+def profile_sweep(profile_path: Path, params_path: Path) -> tuple[list[str], dict[str, list]]:
+    """A profile's overrides and its sweep (dotted key -> values), every combination validated."""
     profile_path = Path(profile_path)
     profile = read_yaml(profile_path, "profile not found")
     if not isinstance(profile, dict):
@@ -654,8 +671,7 @@ def profile_overrides(profile_path: Path, params_path: Path = Path("params.yaml"
         for key, value in zip(sweep, combination, strict=True):
             values = _merged(values, _nested(key.split("."), value))
         parse_params(values, profile_path)
-    overrides = [f"{key}={override_value(value)}" for key, value in flatten(profile).items()]
-    return overrides + [f"{key}={','.join(override_value(v) for v in vs)}" for key, vs in sweep.items()]
+    return [f"{key}={override_value(value)}" for key, value in flatten(profile).items()], sweep
 
 
 def _nested(keys: list[str], value: Any) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from genfusion import fsio, scoring
 from genfusion.commands.experiments import revisions
 from genfusion.errors import GenfusionError
 from genfusion.figures import verdict_figure, verdict_rows
-from genfusion.params import Params, override_value, parse_params, profile_overrides, read_yaml
+from genfusion.params import TEST_SET, Params, override_value, parse_params, profile_overrides, read_yaml
 from genfusion.scenes import ANNOTATIONS
 from genfusion.stages.evaluate import model_name
 from genfusion.stages.report import interval_table, markdown_table, per_seed_table
@@ -108,27 +108,27 @@ def folds_in(shown: object) -> list[Fold]:
 
 
 def pooled(
-    folds: Sequence[Fold], scenes: Path, predictions: Path
+    runs: Sequence[tuple[str, Sequence[str], Sequence[int]]], scenes: Path, predictions: Path
 ) -> tuple[dict, dict[tuple[str, int], list[dict]]]:
-    """All folds' test scenes as one ground truth, and every (variant, seed)'s detections on them."""
+    """Each run's scene set (`scenes`, read at the run's revision) as one ground truth, and every
+    (row, seed)'s detections on it from `predictions`; a run is (experiment revision, rows, seeds)."""
     import dvc.api
 
     truth: dict = {"images": [], "annotations": [], "categories": None}
     detections: dict[tuple[str, int], list[dict]] = {}
-    for fold in folds:
-        fold_truth = json.loads(dvc.api.read(str(scenes / "test" / ANNOTATIONS), rev=fold.rev))
-        truth["categories"] = truth["categories"] or fold_truth["categories"]
-        offset = len(truth["images"])  # image ids 1..n of each fold follow the previous fold's
-        truth["images"] += [image | {"id": image["id"] + offset} for image in fold_truth["images"]]
+    for rev, rows, seeds in runs:
+        run_truth = json.loads(dvc.api.read(str(scenes / ANNOTATIONS), rev=rev))
+        truth["categories"] = truth["categories"] or run_truth["categories"]
+        offset = len(truth["images"])  # image ids 1..n of each run follow the previous run's
+        truth["images"] += [image | {"id": image["id"] + offset} for image in run_truth["images"]]
         truth["annotations"] += [
             box | {"id": len(truth["annotations"]) + i, "image_id": box["image_id"] + offset}
-            for i, box in enumerate(fold_truth["annotations"], start=1)
+            for i, box in enumerate(run_truth["annotations"], start=1)
         ]
-        for variant in fold.params.train.rows:
-            for seed in fold.params.train.seeds:
-                path = predictions / "test" / f"{variant}-{seed}.json"
-                found = json.loads(dvc.api.read(str(path), rev=fold.rev))
-                detections.setdefault((variant, seed), []).extend(
+        for row in rows:
+            for seed in seeds:
+                found = json.loads(dvc.api.read(str(predictions / f"{row}-{seed}.json"), rev=rev))
+                detections.setdefault((row, seed), []).extend(
                     d | {"image_id": d["image_id"] + offset} for d in found
                 )
     return truth, detections
@@ -190,7 +190,8 @@ def report_main(
         raise GenfusionError(
             f"cross-scene: the folds train different variants, seeds or models: {sorted(plans)}"
         )
-    truth, detections = pooled(folds, scenes, predictions)
+    runs = [(fold.rev, fold.params.train.rows, fold.params.train.seeds) for fold in folds]
+    truth, detections = pooled(runs, scenes / TEST_SET, predictions / TEST_SET)
     model = model_name(folds[0].params.train.model)
     records = []
     for (variant, seed), found in detections.items():

@@ -70,10 +70,11 @@ def main(
     detections: Path,
     pr: Path | None = None,
     data: Path | None = None,
+    real: Path | None = None,
 ) -> None:
     scene_set = read_scene_set(scenes)
-    if data is not None:
-        check_same_import(scene_set, layout.real_of(data))
+    if real is not None:
+        check_same_import(scene_set, real)
     found = detect_scenes(weights, scene_set, params)
     matches = scoring.match(scene_set.ground_truth, found, params.evaluate.bootstrap_cell)
     metrics, curve = scoring.score(matches, params.evaluate.pr_conf)

@@ -212,25 +212,25 @@ def import_report(scenes: Sequence[Scene], splits: dict[str, list[Tile]], counts
     }
 
 
-def test_scenes(splits: dict[str, list[Tile]], out: Path) -> list[Scene]:
-    """The test split as whole scenes: a scene all of whose tiles are in test is scored whole; a
-    tile split alone (seeds.split_by: tile) is a scene of its own, read from `out`."""
+def split_scenes(splits: dict[str, list[Tile]], split: str, out: Path) -> list[Scene]:
+    """One split (test or val) as whole scenes: a scene all of whose tiles are in the split is
+    scored whole; a tile split alone (seeds.split_by: tile) is a scene of its own, read from `out`."""
     tiles_of: dict[str, list[Tile]] = {}
-    for split in SPLITS:
-        for tile in splits[split]:
+    for name in SPLITS:
+        for tile in splits[name]:
             tiles_of.setdefault(tile.scene.name, []).append(tile)
     # By identity: comparing tiles compares their scenes' boxes, and `in` a list is a scan.
-    in_test = {id(tile) for tile in splits["test"]}
-    whole = {name for name, tiles in tiles_of.items() if all(id(t) in in_test for t in tiles)}
-    scenes = {tile.scene.name: tile.scene for tile in splits["test"] if tile.scene.name in whole}
+    in_split = {id(tile) for tile in splits[split]}
+    whole = {name for name, tiles in tiles_of.items() if all(id(t) in in_split for t in tiles)}
+    scenes = {tile.scene.name: tile.scene for tile in splits[split] if tile.scene.name in whole}
     alone = [
         Scene(
             tile.name,
-            layout.images_dir(out, "test") / f"{tile.name}.png",
+            layout.images_dir(out, split) / f"{tile.name}.png",
             (tile.window.width, tile.window.height),
             tile.boxes,
         )
-        for tile in splits["test"]
+        for tile in splits[split]
         if tile.scene.name not in whole
     ]
     return sorted([*scenes.values(), *alone], key=lambda scene: scene.name)
@@ -244,9 +244,11 @@ def run_seeds(
     task: str = "detect",
     *,
     scenes_out: Path | None = None,
+    val_scenes_out: Path | None = None,
 ) -> dict:
     """The stage's core: annotated images in, `out` dataset (box or outline labels, as `task`
-    says) and, when given, `scenes_out` (the test split's scenes whole) written, report returned."""
+    says) and, when given, `scenes_out` and `val_scenes_out` (the test and val splits' scenes
+    whole) written, report returned."""
     counts: Counter = Counter()
     with pillow_limit_lifted():  # headers only; what is decoded whole is bounded by max_pixels
         scenes = [check_scene(item, params.class_map, params.min_box_size, counts, task) for item in items]
@@ -254,12 +256,12 @@ def run_seeds(
     tiles = plan_tiles(scenes, params, counts)
     splits = split_tiles(tiles, params)
     generation = write_real_dataset(out, splits, classes, counts, task, params.max_pixels)
-    if scenes_out is not None:
-        # A run stopped between the two writes leaves new tiles beside old scenes: the generation
-        # both carry lets the stages that read both refuse the mix (scenes.check_same_import).
-        write_scene_set(
-            scenes_out, test_scenes(splits, out), classes, "seeds: test scenes", params.max_pixels, generation
-        )
+    # A run stopped between the writes leaves new tiles beside old scenes: the generation they
+    # all carry lets the stages that read both refuse the mix (scenes.check_same_import).
+    for split, folder in (("test", scenes_out), ("val", val_scenes_out)):
+        if folder is not None:
+            whole = split_scenes(splits, split, out)
+            write_scene_set(folder, whole, classes, f"seeds: {split} scenes", params.max_pixels, generation)
     report = import_report(scenes, splits, counts)
     log.info(
         "seeds: %d scenes -> %s tiles (train/val/test), %d boxes written, %d clipped, %d dropped",
@@ -272,12 +274,13 @@ def run_seeds(
     return report
 
 
-def main(params: Params, *, out: Path, scenes: Path, report: Path) -> None:
+def main(params: Params, *, out: Path, scenes: Path, val_scenes: Path | None, report: Path) -> None:
     """Entry point: paths from dvc.yaml, everything else from params."""
     from genfusion.formats import read_annotations
 
     with pillow_limit_lifted():  # the readers read image headers
         items = read_annotations(params.seeds.source, params.seeds.format)
-    fsio.write_json(
-        report, run_seeds(items, params.seeds, params.classes, out, params.task, scenes_out=scenes)
+    found = run_seeds(
+        items, params.seeds, params.classes, out, params.task, scenes_out=scenes, val_scenes_out=val_scenes
     )
+    fsio.write_json(report, found)
