@@ -11,6 +11,7 @@ from project import project_repo, run
 from tiny_pipeline import TINY
 
 from genfusion.commands.cross_scene import fold_name, folds_in, profile_of_folds, run_commands
+from genfusion.commands.experiments import revisions
 from genfusion.errors import GenfusionError
 from genfusion.params import load_params
 
@@ -84,3 +85,26 @@ def test_folds_hold_out_each_scene_and_pool_every_object(tmp_path_factory: pytes
     before = table
     run(repo, "genfusion", "cross-scene", "report")
     assert (repo / "reports/cross_scene.md").read_text() == before  # the same resamples every time
+
+    # Tuning on the same folds, up to the val scenes only: one trial with the folds' own settings,
+    # so DVC's run cache restores its stages and its val scores must be the folds' (more trials
+    # cost more experiments and test nothing more here: their grouping is tests/test_tuning.py's).
+    (repo / "tune.yaml").write_text(yaml.safe_dump({"sweep": {"evaluate.conf": [0.001]}}))
+    run(repo, "genfusion", "tune", "run", "tune.yaml")
+    again = run(repo, "genfusion", "tune", "run", "tune.yaml", "--dry-run")
+    assert "1 trial(s) x 3 folds; 0 experiments to run" in again and "dvc exp run" not in again
+    run(repo, "genfusion", "tune", "report")
+    (trial,) = json.loads((repo / "metrics/tuning.json").read_text())["trials"]
+    shown = {rev["name"]: rev for rev in revisions(json.loads(run(repo, "dvc", "exp", "show", "--json")))}
+    fold_val = {
+        scene: shown[fold.name]["data"]["metrics"]["metrics/val/real-0.json"]["data"]
+        for scene, fold in folds.items()
+    }
+    assert trial["folds"] == {scene: {"real": val["map50"]} for scene, val in fold_val.items()}
+    assert trial["objects"] == sum(val["objects"] for val in fold_val.values())
+    assert 0 <= trial["pooled"]["real"]["map50_low"] <= trial["pooled"]["real"]["map50_high"] <= 1
+    for name in trial["experiments"]:  # no detector of a trial ran on a test scene
+        lock = yaml.safe_load(run(repo, "git", "show", f"{shown[name]['rev']}:dvc.lock"))
+        assert "validate@real-0" in lock["stages"]
+        assert not [stage for stage in lock["stages"] if "evaluate" in stage]
+    assert "| 1 | 0." in (repo / "reports/tuning.md").read_text()

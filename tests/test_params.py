@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from genfusion.errors import GenfusionError
-from genfusion.params import load_params, parse_params, profile_overrides
+from genfusion.params import load_params, parse_params, profile_overrides, profile_trials
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,6 +147,15 @@ def test_profile_overrides_flatten_quote_and_sweep(tmp_path: Path) -> None:
         "diffusion.class_prompt='trees, seen from above'",
         "variations.per_image=0,2,10",
     ]
+    trials = profile_trials(profile, ROOT / "params.yaml")
+    assert [t[-1] for t in trials] == [
+        "variations.per_image=0",
+        "variations.per_image=2",
+        "variations.per_image=10",
+    ]
+    assert all(
+        t[:-1] == trials[0][:-1] == profile_overrides(profile, ROOT / "params.yaml")[:-1] for t in trials
+    )
 
 
 def test_profile_is_validated_for_every_sweep_value_before_anything_runs(tmp_path: Path) -> None:

@@ -112,7 +112,7 @@ def test_a_change_of_seeds_adds_their_stages_and_nothing_else(tiny_project: Path
     rows = [f"{v}-{new}" for v in variants]
     two_phase = [f"{v}-{new}" for v in first]
     assert changed == {
-        *(f"{stage}@{row}" for stage in ("train", "evaluate", "export") for row in rows),
+        *(f"{stage}@{row}" for stage in ("train", "evaluate", "validate", "export") for row in rows),
         *(f"evaluate_extra@{row}-soap" for row in rows),
         *(f"{stage}@{row}" for stage in ("train_two_phase", "evaluate_two_phase") for row in two_phase),
         *(f"evaluate_extra_two_phase@{row}-soap" for row in two_phase),

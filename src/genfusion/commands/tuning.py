@@ -72,7 +72,7 @@ def run_main(params: Params, trials: Sequence[Sequence[str]], *, jobs: int, dry_
     done = {rev.get("name") for rev in revisions(shown_experiments(all_commits=False))}
     commands = run_commands(params, trials, jobs, done)
     queued = len(commands) - 1 if commands else 0
-    print(f"tune: {len(trials)} trials x {len(scene_names(params))} folds; {queued} experiments to run")
+    print(f"tune: {len(trials)} trial(s) x {len(scene_names(params))} folds; {queued} experiments to run")
     for command in commands:
         if dry_run:
             print(shlex.join(command))

@@ -1,0 +1,65 @@
+"""`genfusion tune`: trials of a sweep on every fold, up to the val scenes, grouped and ranked.
+The run itself is tested on tiny settings with the cross-scene folds (tests/test_cross_scene.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from genfusion.commands.tuning import (
+    TrialFold,
+    differing,
+    experiment_name,
+    group_trials,
+    run_commands,
+    trial_id,
+)
+from genfusion.errors import GenfusionError
+from genfusion.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENES = ["2019_YELL_2_541000_4977000_image_crop", "OSBS_029", "SOAP_061"]
+
+
+def neon_params(neon_seeds: Path):
+    params = load_params(ROOT / "params.yaml")
+    return params.model_copy(update={"seeds": params.seeds.model_copy(update={"source": neon_seeds})})
+
+
+def test_each_trial_is_queued_on_every_fold_up_to_validate_and_finished_ones_are_skipped(
+    neon_seeds: Path,
+) -> None:
+    params = neon_params(neon_seeds)
+    trials = [["train.variants=[real]", "train.imgsz=256"], ["train.variants=[real]", "train.imgsz=320"]]
+    commands = run_commands(params, trials, 2)
+    assert commands[-1] == ["dvc", "exp", "run", "--run-all", "-j", "2"]
+    queued = commands[:-1]
+    assert len(queued) == len(trials) * len(SCENES)
+    assert all(c[:4] == ["dvc", "exp", "run", "--queue"] and c[-1] == "validate" for c in queued)
+    names = [c[c.index("-n") + 1] for c in queued]
+    assert names == [experiment_name(trial_id(t), s) for t in trials for s in SCENES]
+    assert len(set(names)) == len(names) and trial_id(trials[0]) != trial_id(trials[1])
+    first = queued[0]
+    assert first[first.index("-n") + 2 :][:2] == ["-S", f"seeds.test_scene='{SCENES[0]}'"]
+    assert "train.imgsz=256" in first
+    # A stopped run picks up where it was: finished experiments are not queued again.
+    left = run_commands(params, trials, 1, done=set(names[:4]))
+    assert [c[c.index("-n") + 1] for c in left[:-1]] == names[4:]
+    assert run_commands(params, trials, 1, done=set(names)) == []
+
+
+def fold(name: str, scene: str, settings: dict) -> TrialFold:
+    return TrialFold(name, name, scene, None, settings, {})
+
+
+def test_a_trial_counts_once_it_holds_out_every_scene_and_twice_is_refused() -> None:
+    a, b = {"train.imgsz": 256, "train.epochs": 100}, {"train.imgsz": 320, "train.epochs": 100}
+    folds = [fold(f"a-{s}", s, a) for s in SCENES] + [fold("b-0", SCENES[0], b)]
+    (trial,) = group_trials(folds, SCENES)  # b has one fold of three: not a trial yet
+    assert [f.scene for f in trial] == SCENES
+    assert differing([trial, [fold("b", SCENES[0], b)]]) == ["train.imgsz"]
+    with pytest.raises(
+        GenfusionError, match=r"holds out 'OSBS_029' in several experiments \(a-OSBS_029, again\)"
+    ):
+        group_trials([*folds, fold("again", "OSBS_029", a)], SCENES)
