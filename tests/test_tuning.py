@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from genfusion.commands.experiments import experiments
 from genfusion.commands.tuning import (
     TrialFold,
     differing,
@@ -63,3 +64,20 @@ def test_a_trial_counts_once_it_holds_out_every_scene_and_twice_is_refused() -> 
         GenfusionError, match=r"holds out 'OSBS_029' in several experiments \(a-OSBS_029, again\)"
     ):
         group_trials([*folds, fold("again", "OSBS_029", a)], SCENES)
+
+
+def test_only_finished_experiments_count() -> None:
+    """A queued, running or failed experiment shows its baseline's metrics in `dvc exp show`
+    (the shape below is DVC 3's): counting one would score the baseline as a fold."""
+
+    def experiment(name: str, executor: dict | None) -> dict:
+        return {"name": name, "executor": executor, "revs": [{"rev": name, "name": name, "data": {}}]}
+
+    states = {"queued": {"state": "queued"}, "running": {"state": "running"}, "failed": {"state": "failed"}}
+    states |= {"success": {"state": "success"}, "done": None}
+    shown = [
+        {"rev": "workspace", "data": {}, "experiments": None},
+        {"rev": "abc", "data": {}, "experiments": [experiment(n, e) for n, e in states.items()]},
+    ]
+    assert [rev["name"] for rev in experiments(shown)] == ["success", "done"]
+    assert [rev["name"] for rev in experiments(shown, ("running",))] == ["running"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genfusion import fsio, scoring
-from genfusion.commands.experiments import revisions
+from genfusion.commands.experiments import experiments
 from genfusion.errors import GenfusionError
 from genfusion.figures import verdict_figure, verdict_rows
 from genfusion.params import TEST_SET, Params, override_value, parse_params, profile_overrides, read_yaml
@@ -100,7 +100,7 @@ def folds_in(shown: object) -> list[Fold]:
             parse_params(rev["params"]),
             rev["summary"],
         )
-        for rev in revisions(shown)
+        for rev in experiments(shown)
         if (rev.get("name") or "").startswith(FOLD_PREFIX)
         and rev["summary"]
         and (rev["params"].get("seeds") or {}).get("test_scene")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from genfusion import fsio
@@ -43,11 +43,28 @@ def revisions(shown: object) -> Iterator[dict]:
             yield from revisions(value)
 
 
+# An experiment's executor state while queued, running or failed; a finished one has none left
+# or "success". Until it succeeds its files, metrics included, are its baseline commit's.
+FINISHED = (None, "success")
+
+
+def experiments(shown: object, states: Sequence[str | None] = FINISHED) -> Iterator[dict]:
+    """The experiments in `dvc exp show --json` output whose executor state is one of `states`
+    (by default the finished ones), each as `revisions` gives it."""
+    for baseline in shown if isinstance(shown, list) else []:
+        for experiment in baseline.get("experiments") or []:
+            if (experiment.get("executor") or {}).get("state") in states:
+                yield next(revisions(experiment["revs"][0]))
+
+
 def experiment_summaries(shown: object) -> list[dict]:
     """The test-scene table of every `metrics/summary.json` in `dvc exp show --json` output.
     Summaries written before scenes were scored whole have no `test` table and are left out:
     their tile-level AP is not comparable."""
-    return [rev["summary"][TEST_SET] for rev in revisions(shown) if TEST_SET in rev["summary"]]
+    baselines = [next(revisions(baseline)) for baseline in shown] if isinstance(shown, list) else []
+    return [
+        rev["summary"][TEST_SET] for rev in [*baselines, *experiments(shown)] if TEST_SET in rev["summary"]
+    ]
 
 
 def sweep_main(out: Path) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from genfusion import fsio, scoring
 from genfusion.commands.cross_scene import fold_name, pooled, scene_names
-from genfusion.commands.experiments import revisions
+from genfusion.commands.experiments import FINISHED, experiments
 from genfusion.errors import GenfusionError
 from genfusion.params import VAL_SET, Params, flatten, override_value, parse_params
 from genfusion.stages.evaluate import model_name
@@ -69,7 +69,9 @@ def shown_experiments(*, all_commits: bool) -> object:
 
 
 def run_main(params: Params, trials: Sequence[Sequence[str]], *, jobs: int, dry_run: bool) -> int:
-    done = {rev.get("name") for rev in revisions(shown_experiments(all_commits=False))}
+    # Queued and running experiments count as done too: a second `tune run` does not queue them again.
+    shown = shown_experiments(all_commits=False)
+    done = {rev["name"] for rev in experiments(shown, (*FINISHED, "queued", "running"))}
     commands = run_commands(params, trials, jobs, done)
     queued = len(commands) - 1 if commands else 0
     print(f"tune: {len(trials)} trial(s) x {len(scene_names(params))} folds; {queued} experiments to run")
@@ -99,7 +101,7 @@ def trial_folds(shown: object) -> list[TrialFold]:
     """The finished tuning experiments in `dvc exp show --json` output: each has the val metrics
     of every row and seed it trains (an experiment's other metrics files are its baseline's)."""
     found = []
-    for rev in revisions(shown):
+    for rev in experiments(shown):
         name = rev.get("name") or ""
         scene = (rev["params"].get("seeds") or {}).get("test_scene")
         if not name.startswith(TUNE_PREFIX) or not scene or rev.get("error"):
