@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from genfusion import fsio, scoring
-from genfusion.commands.experiments import experiments
+from genfusion.commands.experiments import exp_show, experiments, run_each
 from genfusion.errors import GenfusionError
 from genfusion.figures import verdict_figure, verdict_rows
 from genfusion.params import TEST_SET, Params, override_value, parse_params, profile_overrides, read_yaml
@@ -71,14 +69,7 @@ def profile_of_folds(profile: Path, params_path: Path) -> list[str]:
 
 
 def run_main(params: Params, *, jobs: int, overrides: Sequence[str], dry_run: bool) -> int:
-    for command in run_commands(params, jobs, overrides):
-        if dry_run:
-            print(shlex.join(command))
-            continue
-        done = subprocess.run(command)
-        if done.returncode:
-            return done.returncode
-    return 0
+    return run_each(run_commands(params, jobs, overrides), dry_run=dry_run)
 
 
 @dataclass(frozen=True)
@@ -158,26 +149,30 @@ def verdict_panels(results: dict, scenes: int) -> dict[str, dict]:
     return panels | {f"held out {scene}": table for scene, table in results["folds"].items()}
 
 
-def report_main(
-    params: Params, *, scenes: Path, predictions: Path, summary: Path, markdown: Path, figure: Path
-) -> None:
-    # Every commit's experiments: folds run before the last commit still count.
-    done = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], capture_output=True, text=True)
-    if done.returncode:
-        raise GenfusionError(f"cross-scene: `dvc exp show --json` failed: {done.stderr.strip()}")
-    folds = sorted(folds_in(json.loads(done.stdout)), key=lambda fold: fold.scene)
-    if not folds:
-        raise GenfusionError(
-            "cross-scene: no finished fold experiment; run `genfusion cross-scene run` first"
-        )
+def refuse_a_scene_held_out_twice(folds: Sequence[Fold], what: str) -> None:
+    """Folds (of one study or one trial: anything with a `scene` and a `name`) hold out each scene
+    once; two experiments of one scene are a stale one and a new one."""
     held_out = [fold.scene for fold in folds]
     twice = sorted({scene for scene in held_out if held_out.count(scene) > 1})
     if twice:
         names = [fold.name for fold in folds if fold.scene == twice[0]]
         raise GenfusionError(
-            f"cross-scene: scene {twice[0]!r} is held out by several experiments ({', '.join(names)});"
+            f"{what}: scene {twice[0]!r} is held out by several experiments ({', '.join(names)});"
             " remove the stale ones with `dvc exp remove`"
         )
+
+
+def report_main(
+    params: Params, *, scenes: Path, predictions: Path, summary: Path, markdown: Path, figure: Path
+) -> None:
+    # Every commit's experiments: folds run before the last commit still count.
+    folds = sorted(folds_in(exp_show("cross-scene", all_commits=True)), key=lambda fold: fold.scene)
+    if not folds:
+        raise GenfusionError(
+            "cross-scene: no finished fold experiment; run `genfusion cross-scene run` first"
+        )
+    refuse_a_scene_held_out_twice(folds, "cross-scene")
+    held_out = [fold.scene for fold in folds]
     missing = sorted(set(scene_names(params)) - set(held_out))
     if missing:
         raise GenfusionError(

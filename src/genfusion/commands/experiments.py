@@ -20,10 +20,29 @@ def exp_main(profile: Path, params_path: Path, *, name: str | None, queue: bool,
     command = ["dvc", "exp", "run", *(["--queue"] if queue else []), *(["-n", name] if name else [])]
     for override in profile_overrides(profile, params_path):
         command += ["-S", override]
-    if dry_run:
-        print(shlex.join(command))
-        return 0
-    return subprocess.run(command).returncode
+    return run_each([command], dry_run=dry_run)
+
+
+def run_each(commands: Sequence[Sequence[str]], *, dry_run: bool) -> int:
+    """Run the commands in turn and return the exit status of the first that fails (0 when none
+    does); or, with `dry_run`, print them."""
+    for command in commands:
+        if dry_run:
+            print(shlex.join(command))
+            continue
+        done = subprocess.run(command)
+        if done.returncode:
+            return done.returncode
+    return 0
+
+
+def exp_show(what: str, *, all_commits: bool = False) -> object:
+    """`dvc exp show --json` output, for the command `what`."""
+    command = ["dvc", "exp", "show", "--json", *(["--all-commits"] if all_commits else [])]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise GenfusionError(f"{what}: `{shlex.join(command)}` failed: {done.stderr.strip()}")
+    return json.loads(done.stdout)
 
 
 def revisions(shown: object) -> Iterator[dict]:
@@ -69,10 +88,7 @@ def experiment_summaries(shown: object) -> list[dict]:
 
 def sweep_main(out: Path) -> None:
     """`reports/sweep.png`: AP50 against synthetic images over every experiment DVC knows."""
-    done = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
-    if done.returncode:
-        raise GenfusionError(f"sweep: `dvc exp show --json` failed: {done.stderr.strip()}")
-    summaries = experiment_summaries(json.loads(done.stdout))
+    summaries = experiment_summaries(exp_show("sweep"))
     points = [point for summary in summaries for point in synthetic_points(summary)]
     if not points:
         raise GenfusionError("sweep: no experiment has metrics/summary.json yet; run `dvc exp run` first")

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from genfusion import fsio, scoring
-from genfusion.commands.cross_scene import fold_name, pooled, scene_names
-from genfusion.commands.experiments import FINISHED, experiments
+from genfusion.commands.cross_scene import fold_name, pooled, refuse_a_scene_held_out_twice, scene_names
+from genfusion.commands.experiments import FINISHED, exp_show, experiments, run_each
 from genfusion.errors import GenfusionError
 from genfusion.params import VAL_SET, Params, flatten, override_value, parse_params
 from genfusion.stages.evaluate import model_name
@@ -60,29 +58,13 @@ def run_commands(
     return [*commands, ["dvc", "exp", "run", "--run-all", "-j", str(jobs)]] if commands else []
 
 
-def shown_experiments(*, all_commits: bool) -> object:
-    command = ["dvc", "exp", "show", "--json", *(["--all-commits"] if all_commits else [])]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        raise GenfusionError(f"tune: `{shlex.join(command)}` failed: {done.stderr.strip()}")
-    return json.loads(done.stdout)
-
-
 def run_main(params: Params, trials: Sequence[Sequence[str]], *, jobs: int, dry_run: bool) -> int:
     # Queued and running experiments count as done too: a second `tune run` does not queue them again.
-    shown = shown_experiments(all_commits=False)
-    done = {rev["name"] for rev in experiments(shown, (*FINISHED, "queued", "running"))}
+    done = {rev["name"] for rev in experiments(exp_show("tune"), (*FINISHED, "queued", "running"))}
     commands = run_commands(params, trials, jobs, done)
     queued = len(commands) - 1 if commands else 0
     print(f"tune: {len(trials)} trial(s) x {len(scene_names(params))} folds; {queued} experiments to run")
-    for command in commands:
-        if dry_run:
-            print(shlex.join(command))
-            continue
-        finished = subprocess.run(command)
-        if finished.returncode:
-            return finished.returncode
-    return 0
+    return run_each(commands, dry_run=dry_run)
 
 
 @dataclass(frozen=True)
@@ -123,15 +105,8 @@ def group_trials(folds: Sequence[TrialFold], scenes: Sequence[str]) -> list[list
         groups.setdefault(json.dumps(fold.settings, sort_keys=True, default=str), []).append(fold)
     trials = []
     for group in groups.values():
-        held_out = [fold.scene for fold in group]
-        twice = sorted({scene for scene in held_out if held_out.count(scene) > 1})
-        if twice:
-            names = [fold.name for fold in group if fold.scene == twice[0]]
-            raise GenfusionError(
-                f"tune: one trial holds out {twice[0]!r} in several experiments ({', '.join(names)});"
-                " remove the stale ones with `dvc exp remove`"
-            )
-        if set(scenes) <= set(held_out):
+        refuse_a_scene_held_out_twice(group, "tune: a trial")
+        if set(scenes) <= {fold.scene for fold in group}:
             trials.append(sorted(group, key=lambda fold: fold.scene))
     return trials
 
@@ -206,7 +181,7 @@ def trials_markdown(results: Sequence[dict], keys: Sequence[str], by: str, param
 def report_main(
     params: Params, *, scenes: Path, predictions: Path, by: str, summary: Path, markdown: Path
 ) -> None:
-    folds = trial_folds(shown_experiments(all_commits=True))
+    folds = trial_folds(exp_show("tune", all_commits=True))
     trials = group_trials(folds, scene_names(params))
     if not trials:
         raise GenfusionError("tune: no trial has finished on every fold; run `genfusion tune run` first")
