@@ -61,7 +61,7 @@ def test_a_trial_counts_once_it_holds_out_every_scene_and_twice_is_refused() -> 
     assert [f.scene for f in trial] == SCENES
     assert differing([trial, [fold("b", SCENES[0], b)]]) == ["train.imgsz"]
     with pytest.raises(
-        GenfusionError, match=r"trial: scene 'OSBS_029' is held out by several \(a-OSBS_029, again"
+        GenfusionError, match=r"trial: scene 'OSBS_029' is held out by several experiments \(a-OSBS_029, ag"
     ):
         group_trials([*folds, fold("again", "OSBS_029", a)], SCENES)
 
