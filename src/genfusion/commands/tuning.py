@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,7 @@ def interval(row: dict, key: str) -> str:
 
 def trials_markdown(results: Sequence[dict], keys: Sequence[str], by: str, params: Params) -> str:
     scenes = list(results[0]["folds"])
-    header = ["rank", *keys, f"{by} AP50", f"{by} AP@0.5:0.95", *(f"AP50, held out {s}" for s in scenes)]
+    header = ["rank", *keys, f"{by} AP50", f"{by} AP@0.5:0.95", *(f"val AP50, fold {s}" for s in scenes)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rank, result in enumerate(results, start=1):
         row = result["pooled"][by]
@@ -162,6 +163,8 @@ def trials_markdown(results: Sequence[dict], keys: Sequence[str], by: str, param
         lines.append("| " + " | ".join(cells) + " |")
     first = results[0]
     cell = params.evaluate.bootstrap_cell
+    settings = [re.escape(key) for key in [HELD_OUT, *keys]]
+    columns = "|".join(["Experiment", f"metrics/val/{by}-.*:map50$", *settings])
     return (
         "# Tuning on the validation scenes\n\n"
         f"{len(results)} trials, each run on {len(scenes)} folds (every scene held out in turn as the"
@@ -171,9 +174,8 @@ def trials_markdown(results: Sequence[dict], keys: Sequence[str], by: str, param
         f" ({params.evaluate.bootstrap} bootstrap resamples of {cell} px cells and of the seeds), then"
         f" each fold's own val AP50. Ranked by pooled AP50; the columns before it are the params that"
         " differ between trials. Written by `genfusion tune report`; each fold is an experiment"
-        " named in `metrics/tuning.json`, shown with:\n\n"
-        "    dvc exp show --all-commits --only-changed --md --keep 'tune-.*'"
-        " --drop 'metrics/eval|metrics/train'"
+        " named in `metrics/tuning.json`; every fold's val AP50 is shown with:\n\n"
+        f"    dvc exp show --all-commits --md --drop '.*' --keep '{columns}'"
         "\n\n" + "\n".join(lines) + "\n"
     )
 
