@@ -94,7 +94,7 @@ class TrainParams(Section):
     seeds: list[int] = [0]
     model: str = "yolov8n.yaml"
     imgsz: PositiveInt = 256
-    epochs: PositiveInt = 100
+    epochs: PositiveInt = 200
     # Scale each variant's epochs so that it trains on as many images as `epochs` passes over
     # the real train split: the variants then differ in data, not in compute.
     same_steps: bool = True
