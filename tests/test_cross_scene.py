@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from project import project_repo, run
+from project import commit, project_repo, run
 from tiny_pipeline import TINY
+from ultralytics import YOLO
 
 from genfusion.commands.cross_scene import fold_name, folds_in, profile_of_folds, run_commands
 from genfusion.commands.experiments import revisions
@@ -63,22 +64,40 @@ def test_the_study_profile_sets_every_fold_and_a_sweep_is_refused(tmp_path: Path
 def test_folds_hold_out_each_scene_and_pool_every_object(tmp_path_factory: pytest.TempPathFactory) -> None:
     repo = project_repo(tmp_path_factory.mktemp("folds"), FOLD_PARAMS)
     run(repo, "dvc", "pull", "-q", "data/seeds/neon-trees.dvc")
-    run(repo, "genfusion", "cross-scene", "run")
+    # A user's pretrained weights, made here (random, the default architecture), versioned with
+    # DVC: the study runs from them with one setting (docs/results.md).
+    weights = "models/pretrained/local.pt"
+    model = Path(weights).stem  # the detector's name in the metrics
+    YOLO(load_params(repo / "params.yaml").train.model).save(repo / weights)
+    run(repo, "dvc", "add", "-q", weights)
+    commit(repo, "pretrained weights")
+    run(repo, "genfusion", "cross-scene", "run", "-S", f"train.model={weights}")
     shown = json.loads(run(repo, "dvc", "exp", "show", "--json"))
     folds = {fold.scene: fold for fold in folds_in(shown)}
+    revs = {rev["name"]: rev["rev"] for rev in revisions(shown)}
     assert set(folds) == set(SCENES)
     for scene, fold in folds.items():
         assert set(fold.summary["test"]) == {"real"}
         assert fold.params.seeds.test_scene == scene and fold.name == fold_name(scene)
+        # Every fold's detector started from those weights (that train loads them, rather than
+        # the architecture only, is tests/test_train.py's).
+        assert fold.params.train.model == weights
+        lock = yaml.safe_load(run(repo, "git", "show", f"{revs[fold.name]}:dvc.lock"))
+        train = lock["stages"]["train@real-0"]
+        assert train["params"]["params.yaml"]["train.model"] == weights
+        # The folder the stage read held the weights: DVC's count and size of its files.
+        (folder,) = (dep for dep in train["deps"] if dep["path"] == "models/pretrained")
+        files = [f for f in (repo / "models/pretrained").iterdir() if f.is_file()]
+        assert (folder["nfiles"], folder["size"]) == (len(files), sum(f.stat().st_size for f in files))
     run(repo, "genfusion", "cross-scene", "report")
     pooled = json.loads((repo / "metrics/cross_scene.json").read_text())
     table = (repo / "reports/cross_scene.md").read_text()
     assert f"{len(SCENES)} scenes, {sum(SCENES.values())} objects in all" in table
     for scene in SCENES:
-        row = folds[scene].summary["test"]["real"]["yolov8n"]
-        assert pooled["folds"][scene]["real"]["yolov8n"]["map50_mean"] == row["map50_mean"]
+        row = folds[scene].summary["test"]["real"][model]
+        assert pooled["folds"][scene]["real"][model]["map50_mean"] == row["map50_mean"]
         assert f"| {scene} | {row['map50_mean']:.3f}" in table
-    real = pooled["pooled"]["real"]["yolov8n"]
+    real = pooled["pooled"]["real"][model]
     assert real["seeds"] == 1
     # A percentile interval of AP need not hold the point estimate (AP is no mean of the cells).
     assert 0 <= real["map50_low"] <= real["map50_high"] <= 1
@@ -86,10 +105,11 @@ def test_folds_hold_out_each_scene_and_pool_every_object(tmp_path_factory: pytes
     run(repo, "genfusion", "cross-scene", "report")
     assert (repo / "reports/cross_scene.md").read_text() == before  # the same resamples every time
 
-    # Tuning on the same folds, up to the val scenes only: one trial with the folds' own settings,
-    # so DVC's run cache restores its stages and its val scores must be the folds' (more trials
-    # cost more experiments and test nothing more here: their grouping is tests/test_tuning.py's).
-    (repo / "tune.yaml").write_text(yaml.safe_dump({"sweep": {"evaluate.conf": [0.001]}}))
+    # Tuning on the same folds, up to the val scenes only: one trial with the folds' own settings
+    # (their weights), so DVC's run cache restores its stages and its val scores must be the
+    # folds' (more trials cost more experiments and test nothing more here: their grouping is
+    # tests/test_tuning.py's).
+    (repo / "tune.yaml").write_text(yaml.safe_dump({"sweep": {"train.model": [weights]}}))
     run(repo, "genfusion", "tune", "run", "tune.yaml")
     again = run(repo, "genfusion", "tune", "run", "tune.yaml", "--dry-run")
     assert "1 trial(s) x 3 folds; 0 experiments to run" in again and "dvc exp run" not in again
