@@ -9,7 +9,6 @@ import pytest
 import yaml
 from project import commit, project_repo, run
 from tiny_pipeline import TINY
-from ultralytics import YOLO
 
 from genfusion.commands.cross_scene import fold_name, folds_in, profile_of_folds, run_commands
 from genfusion.commands.experiments import revisions
@@ -66,6 +65,8 @@ def test_folds_hold_out_each_scene_and_pool_every_object(tmp_path_factory: pytes
     run(repo, "dvc", "pull", "-q", "data/seeds/neon-trees.dvc")
     # A user's pretrained weights, made here (random, the default architecture), versioned with
     # DVC: the study runs from them with one setting (docs/results.md).
+    from ultralytics import YOLO
+
     weights = "models/pretrained/local.pt"
     model = Path(weights).stem  # the detector's name in the metrics
     YOLO(load_params(repo / "params.yaml").train.model).save(repo / weights)

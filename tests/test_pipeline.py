@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from project import commit, run
-from tiny_pipeline import VARIANTS, TinyRun, copy_of
+from tiny_pipeline import BUILT, VARIANTS, TinyRun, copy_of
 
 from genfusion.scenes import ANNOTATIONS
 
@@ -97,6 +97,28 @@ def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(tiny_run: Tin
     again = run(repo, "dvc", "repro")
     assert "Running stage" not in again
     assert "up to date" in run(repo, "dvc", "status")
+
+
+def test_every_built_dataset_passes_ultralytics_check_of_a_training_set(tiny_run: TinyRun) -> None:
+    """The datasets the tiny pipeline builds but trains nothing on (tests/tiny_pipeline.py): every
+    train image and its label file pass the check Ultralytics makes of each pair before it trains
+    (verify_image_label, run here without the label cache it would write into the outputs)."""
+    from ultralytics.data.utils import img2label_paths, verify_image_label
+
+    repo = tiny_run.repo
+    for variant in [VARIANTS[0], *BUILT]:
+        dataset = repo / f"data/datasets/{variant}/dataset.yaml"
+        spec = yaml.safe_load(dataset.read_text())
+        counts = json.loads((dataset.parent / "counts.json").read_text())
+        images = sorted(str(p) for p in (dataset.parent / spec["train"]).iterdir())
+        assert len(images) == counts["train_images"] > 0, variant
+        boxes = 0
+        for image, label in zip(images, img2label_paths(images), strict=True):
+            checked = verify_image_label((image, label, "", False, len(spec["names"]), 0, 0, False))
+            found, corrupt, message = checked[6], checked[8], checked[9]
+            assert (found, corrupt) == (1, 0), f"{variant}: {image}: {message}"
+            boxes += len(checked[1])
+        assert boxes == counts["train_boxes"], variant
 
 
 def test_a_change_of_seeds_adds_their_stages_and_nothing_else(tiny_project: Path) -> None:
