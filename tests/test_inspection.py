@@ -174,17 +174,21 @@ def build(root: Path, env: dict[str, str] | None = None) -> subprocess.Completed
 
 
 def fiftyone_summary(root: Path) -> dict:
+    # Connected as the stage connects: plain FiftyOne attaches to any of its database services
+    # running on the machine (another test's, on the other worker), which lacks this dataset.
     code = (
-        "import json, os, sys; os.environ['FIFTYONE_DATABASE_DIR'] = sys.argv[1];"
-        "os.environ['FIFTYONE_DATABASE_VALIDATION'] = 'false'; import fiftyone as fo;"
+        "import json, sys; from pathlib import Path;"
+        "from genfusion.integrations.fiftyone import connect, use_database;"
+        "use_database(Path(sys.argv[1])); connect(); import fiftyone as fo;"
         "d = fo.load_dataset('genfusion-test');"
         "print(json.dumps({'count': d.count_values('source'), 'tags': d.count_sample_tags(),"
         " 'fields': sorted(d.get_field_schema()), 'files': sorted(d.values('filepath')),"
         " 'views': d.list_saved_views(), 'brain': d.list_brain_runs(),"
         " 'kept': d.count_values('filter_kept')}))"
     )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIFTYONE_")}
     done = subprocess.run(
-        [sys.executable, "-c", code, str(root / "fiftyone-db")], capture_output=True, text=True
+        [sys.executable, "-c", code, str(root / "fiftyone-db")], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
