@@ -40,7 +40,10 @@ def workspace(neon_seeds: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """A real dataset from the NEON seeds and tiny training params."""
     root = tmp_path_factory.mktemp("train")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update(epochs=EPOCHS, imgsz=64, batch=4, nbs=4, workers=0, close_mosaic=CLOSE_MOSAIC)
+    # Mosaic on (the default is off), so that the runs below are killed around its closing.
+    params["train"].update(
+        epochs=EPOCHS, imgsz=64, batch=4, nbs=4, workers=0, mosaic=1.0, close_mosaic=CLOSE_MOSAIC
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     loaded = load_params(root / "params.yaml")
     run_seeds(read_annotations(neon_seeds), loaded.seeds, loaded.classes, root / "data/real")

@@ -107,7 +107,7 @@ class TrainParams(Section):
     lr0: Annotated[float, Field(gt=0)] = 0.01
     nbs: PositiveInt = 8
     warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
-    mosaic: Fraction = 1.0
+    mosaic: Fraction = 0.0
     close_mosaic: Annotated[int, Field(ge=0)] = 10
     fliplr: Fraction = 0.5
     flipud: Fraction = 0.5

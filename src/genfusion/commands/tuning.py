@@ -151,7 +151,9 @@ def interval(row: dict, key: str) -> str:
     return cell
 
 
-def trials_markdown(results: Sequence[dict], keys: Sequence[str], by: str, params: Params) -> str:
+def trials_markdown(
+    results: Sequence[dict], keys: Sequence[str], by: str, params: Params, summary: Path
+) -> str:
     scenes = list(results[0]["folds"])
     header = ["rank", *keys, f"{by} AP50", f"{by} AP@0.5:0.95", *(f"val AP50, fold {s}" for s in scenes)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -174,7 +176,7 @@ def trials_markdown(results: Sequence[dict], keys: Sequence[str], by: str, param
         f" ({params.evaluate.bootstrap} bootstrap resamples of {cell} px cells and of the seeds), then"
         f" each fold's own val AP50. Ranked by pooled AP50; the columns before it are the params that"
         " differ between trials. Written by `genfusion tune report`; each fold is an experiment"
-        " named in `metrics/tuning.json`; every fold's val AP50 is shown with:\n\n"
+        f" named in `{summary.as_posix()}`; every fold's val AP50 is shown with:\n\n"
         f"    dvc exp show --all-commits --md --drop '.*' --keep '{columns}'"
         "\n\n" + "\n".join(lines) + "\n"
     )
@@ -196,4 +198,4 @@ def report_main(
         results.append({"settings": {k: trial[0].settings.get(k) for k in keys}} | result)
     results.sort(key=lambda r: -r["pooled"][by]["map50_mean"])
     fsio.write_json(summary, {"by": by, "trials": results})
-    fsio.write_text(markdown, trials_markdown(results, keys, by, params))
+    fsio.write_text(markdown, trials_markdown(results, keys, by, params, summary))
