@@ -100,9 +100,10 @@ def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(tiny_run: Tin
 
 
 def test_every_built_dataset_passes_ultralytics_check_of_a_training_set(tiny_run: TinyRun) -> None:
-    """The datasets the tiny pipeline builds but trains nothing on (tests/tiny_pipeline.py): every
-    train image and its label file pass the check Ultralytics makes of each pair before it trains
-    (verify_image_label, run here without the label cache it would write into the outputs)."""
+    """Every dataset the tiny pipeline builds, most of which it trains nothing on
+    (tests/tiny_pipeline.py): every train image and its label file pass the check Ultralytics makes
+    of each pair before it trains (verify_image_label, run here without the label cache it would
+    write into the outputs)."""
     from ultralytics.data.utils import img2label_paths, verify_image_label
 
     repo = tiny_run.repo
@@ -115,9 +116,9 @@ def test_every_built_dataset_passes_ultralytics_check_of_a_training_set(tiny_run
         boxes = 0
         for image, label in zip(images, img2label_paths(images), strict=True):
             checked = verify_image_label((image, label, "", False, len(spec["names"]), 0, 0, False))
-            found, corrupt, message = checked[6], checked[8], checked[9]
+            _, labels, _, _, _, _, found, _, corrupt, message = checked
             assert (found, corrupt) == (1, 0), f"{variant}: {image}: {message}"
-            boxes += len(checked[1])
+            boxes += len(labels)
         assert boxes == counts["train_boxes"], variant
 
 
