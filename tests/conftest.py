@@ -27,7 +27,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 # The modules whose tests read the tiny pipeline (the `tiny_run` fixture).
-TINY_PIPELINE_MODULES = ("tests/test_pipeline.py", "tests/test_dvc_declarations.py")
+TINY_PIPELINE_MODULES = (
+    "tests/test_pipeline.py",
+    "tests/test_dvc_declarations.py",
+    "tests/test_team_remote.py",
+    "tests/test_parallel_experiments.py",
+)
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -223,19 +223,6 @@ def test_metrics_and_plots_compare_across_branches(tiny_project: Path) -> None:
     assert "metrics/pr/real-0.csv" in (repo / "plots-out" / "index.html").read_text()
 
 
-def test_a_registered_detector_is_fetched_by_name(tiny_project: Path, tmp_path: Path) -> None:
-    """dvc.yaml's artifacts: a version registered with a git tag (GTO's form, as `gto register`
-    writes it) is fetched from the DVC remote by name."""
-    repo = tiny_project
-    run(repo, "dvc", "remote", "add", "-f", "-d", "local", str(tmp_path / "remote"))
-    commit(repo, "a remote")
-    run(repo, "dvc", "push", "-q", "train@real-0")
-    run(repo, "git", "tag", "-a", "detector-real-0@v0.1.0", "-m", "Registering detector-real-0 version 0.1.0")
-    fetched = tmp_path / "real-0.pt"
-    run(tmp_path, "dvc", "artifacts", "get", str(repo), "detector-real-0", "-o", str(fetched))
-    assert fetched.read_bytes() == (repo / "models/detectors/real-0/weights/best.pt").read_bytes()
-
-
 # In a process of its own (FiftyOne's database is chosen per process): each false-positive view's
 # label fields, then the image paths once the dataset has followed the project to argv[1].
 FIFTYONE_STATE = """
