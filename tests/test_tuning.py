@@ -50,8 +50,8 @@ def test_each_trial_is_queued_on_every_fold_up_to_validate_and_finished_ones_are
     assert run_commands(params, trials, 1, done=set(names)) == []
 
 
-def fold(name: str, scene: str, settings: dict) -> TrialFold:
-    return TrialFold(name, name, scene, None, settings, {})
+def fold(name: str, scene: str, settings: dict, map50: float = 0.1) -> TrialFold:
+    return TrialFold(name, name, scene, None, settings, {("real", 0): {"map50": map50}})
 
 
 def test_a_trial_counts_once_it_holds_out_every_scene_and_twice_is_refused() -> None:
@@ -60,10 +60,14 @@ def test_a_trial_counts_once_it_holds_out_every_scene_and_twice_is_refused() -> 
     (trial,) = group_trials(folds, SCENES)  # b has one fold of three: not a trial yet
     assert [f.scene for f in trial] == SCENES
     assert differing([trial, [fold("b", SCENES[0], b)]]) == ["train.imgsz"]
+    # The same fold run again (a later round repeating a trial) with the same scores counts once;
+    # with other scores, one of the two is stale.
+    (trial,) = group_trials([*folds, fold("rerun", "OSBS_029", a)], SCENES)
+    assert [f.name for f in trial] == [f"a-{s}" for s in SCENES]
     with pytest.raises(
         GenfusionError, match=r"trial: scene 'OSBS_029' is held out by several experiments \(a-OSBS_029, ag"
     ):
-        group_trials([*folds, fold("again", "OSBS_029", a)], SCENES)
+        group_trials([*folds, fold("again", "OSBS_029", a, map50=0.2)], SCENES)
 
 
 def test_only_finished_experiments_count() -> None:

@@ -100,10 +100,14 @@ def trial_folds(shown: object) -> list[TrialFold]:
 
 
 def group_trials(folds: Sequence[TrialFold], scenes: Sequence[str]) -> list[list[TrialFold]]:
-    """The trials that hold out every scene once, each a list of its folds by scene."""
+    """The trials that hold out every scene once, each a list of its folds by scene. A fold run
+    again with the same params (a later round's trial that repeats an earlier one, on another
+    commit) counts once when its val metrics are the same; when they differ, one is stale."""
     groups: dict[str, list[TrialFold]] = {}
     for fold in folds:
-        groups.setdefault(json.dumps(fold.settings, sort_keys=True, default=str), []).append(fold)
+        group = groups.setdefault(json.dumps(fold.settings, sort_keys=True, default=str), [])
+        if not any(other.scene == fold.scene and other.val == fold.val for other in group):
+            group.append(fold)
     trials = []
     for group in groups.values():
         refuse_a_scene_held_out_twice(group, "tune: a trial")
