@@ -85,3 +85,11 @@ def test_only_finished_experiments_count() -> None:
     ]
     assert [rev["name"] for rev in experiments(shown)] == ["success", "done"]
     assert [rev["name"] for rev in experiments(shown, ("running",))] == ["running"]
+    # A running experiment caught while it commits has no data in DVC's output.
+    unread = {
+        "name": "unread",
+        "executor": {"state": "running"},
+        "revs": [{"rev": "u", "name": "unread", "data": None}],
+    }
+    shown[1]["experiments"].append(unread)
+    assert [rev["name"] for rev in experiments(shown, ("running",))] == ["running", "unread"]

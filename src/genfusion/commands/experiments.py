@@ -69,11 +69,13 @@ FINISHED = (None, "success")
 
 def experiments(shown: object, states: Sequence[str | None] = FINISHED) -> Iterator[dict]:
     """The experiments in `dvc exp show --json` output whose executor state is one of `states`
-    (by default the finished ones), each as `revisions` gives it."""
+    (by default the finished ones), each as `revisions` gives it. One whose files DVC could not
+    read at that moment (a running one, while it commits) has no `data`: empty params and summary."""
     for baseline in shown if isinstance(shown, list) else []:
         for experiment in baseline.get("experiments") or []:
             if (experiment.get("executor") or {}).get("state") in states:
-                yield next(revisions(experiment["revs"][0]))
+                rev = experiment["revs"][0]
+                yield next(revisions(rev), None) or rev | {"params": {}, "summary": {}}
 
 
 def experiment_summaries(shown: object) -> list[dict]:
