@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from genfusion.commands.experiments import FINISHED, experiments
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
@@ -35,17 +37,13 @@ def dvc(*args: str) -> str:
     return subprocess.run([DVC, *args], cwd=ROOT, env=ENV, check=True, capture_output=True, text=True).stdout
 
 
-def states() -> dict[str, str | None] | None:
-    """Each experiment's executor state by name; None when `dvc exp show` fails, as it can for a
-    moment while an experiment finishes."""
+def finished() -> set[str] | None:
+    """The names of the experiments that have finished, failed or not; None when `dvc exp show`
+    fails, as it can for a moment while an experiment finishes."""
     done = subprocess.run([DVC, "exp", "show", "--json"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     if done.returncode:
         return None
-    found = {}
-    for baseline in json.loads(done.stdout):
-        for experiment in baseline.get("experiments") or []:
-            found[experiment["name"]] = (experiment.get("executor") or {}).get("state")
-    return found
+    return {rev["name"] for rev in experiments(json.loads(done.stdout), (*FINISHED, "failed"))}
 
 
 def run_two(way: str, jobs: int, threads: int | None, stage: str, epochs: int, rates: list[float]) -> float:
@@ -61,15 +59,12 @@ def run_two(way: str, jobs: int, threads: int | None, stage: str, epochs: int, r
     # The workers it starts keep its output open until the queue is empty: not captured.
     start_queue = [DVC, "queue", "start", "-j", str(jobs)]
     subprocess.run(start_queue, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, check=True)
-    while True:
-        now = states() or {}
-        if all(now.get(name) in ("success", "failed") for name in names):
-            break
+    while not set(names) <= (finished() or set()):
         time.sleep(2)
     seconds = time.perf_counter() - start
-    failed = [name for name in names if now.get(name) == "failed"]
-    if failed:
-        sys.exit(f"{failed} failed: see `dvc queue logs {failed[0]}`")
+    failed = {rev["name"] for rev in experiments(json.loads(dvc("exp", "show", "--json")), ("failed",))}
+    if failed & set(names):
+        sys.exit(f"{sorted(failed)} failed: see `dvc queue logs <name>`")
     return seconds
 
 
@@ -96,7 +91,7 @@ def main() -> None:
                 f"{way:9s} -j {jobs}, {each}: {times[way]:7.1f} s   x{times[way] / times['j1']:.2f} of -j 1"
             )
     finally:
-        made = [name for name in states() or {} if name and name.startswith(PREFIX)]
+        made = sorted(name for name in finished() or () if name.startswith(PREFIX))
         if made:
             dvc("exp", "remove", *made)
 

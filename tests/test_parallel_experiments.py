@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from project import run
 
+from genfusion.commands.experiments import FINISHED, experiments
+
 pytestmark = pytest.mark.integration
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -25,21 +27,18 @@ DVC = str(Path(sys.executable).parent / "dvc")
 EXPERIMENTS = {"lr-high": "train.lr0=0.02", "lr-low": "train.lr0=0.005"}
 STAGE = "train@real-0"
 TRAINED = "metrics/train/real-0/metrics.json"
-DONE = ("success", "failed")
 
 
-def shown(repo: Path) -> dict[str, dict] | None:
-    """Each experiment in `dvc exp show --json` by name: its executor state and commit. None when
-    it fails, as it can for a moment while an experiment finishes ("Empty git repo")."""
+def shown(repo: Path) -> object | None:
+    """`dvc exp show --json` output; None when it fails, as it can for a moment while an
+    experiment finishes ("Empty git repo")."""
     done = subprocess.run([DVC, "exp", "show", "--json"], cwd=repo, capture_output=True, text=True)
-    if done.returncode:
-        return None
-    found = {}
-    for baseline in json.loads(done.stdout):
-        for experiment in baseline.get("experiments") or []:
-            state = (experiment.get("executor") or {}).get("state")
-            found[experiment["name"]] = {"state": state, "rev": experiment["revs"][0]["rev"]}
-    return found
+    return None if done.returncode else json.loads(done.stdout)
+
+
+def by_name(shown: object, states: tuple = FINISHED) -> dict[str, dict]:
+    """The experiments in `shown` whose executor state is one of `states`, by name."""
+    return {rev["name"]: rev for rev in experiments(shown, states)}
 
 
 def committed(repo: Path, experiment: dict, path: str) -> str:
@@ -63,20 +62,22 @@ def test_two_experiments_at_once_give_the_metrics_each_gives_alone(tiny_project:
     subprocess.run(start, cwd=repo, env=os.environ | {"PATH": path}, stdout=subprocess.DEVNULL, check=True)
     most_running, deadline = 0, time.monotonic() + 600
     while True:
-        now = shown(repo) or {name: {"state": None} for name in EXPERIMENTS}
-        most_running = max(most_running, sum(now[name]["state"] == "running" for name in EXPERIMENTS))
-        if all(now[name]["state"] in DONE for name in EXPERIMENTS):
-            break
+        now = shown(repo)
+        if now is not None:
+            most_running = max(most_running, len(by_name(now, ("running",)).keys() & EXPERIMENTS.keys()))
+            if EXPERIMENTS.keys() <= by_name(now, (*FINISHED, "failed")).keys():
+                break
         assert time.monotonic() < deadline, f"the queue has not finished: {now}"
         time.sleep(2)
     assert most_running == 2, "the two experiments never ran at once"
-    assert all(now[name]["state"] == "success" for name in EXPERIMENTS), run(repo, "dvc", "queue", "status")
+    assert not by_name(now, ("failed",)), run(repo, "dvc", "queue", "status")
+    finished = by_name(now)
 
     # The learning rate changes the detector: equal metrics below are not copies of one run.
-    assert committed(repo, now["lr-high"], TRAINED) != committed(repo, now["lr-low"], TRAINED)
+    assert committed(repo, finished["lr-high"], TRAINED) != committed(repo, finished["lr-low"], TRAINED)
     for name, setting in EXPERIMENTS.items():
         # Alone, in the workspace; forced, so DVC's run cache cannot hand back the queued run's outputs.
         out = run(repo, "dvc", "exp", "run", "-f", "-s", "-n", f"{name}-alone", *overrides(setting), STAGE)
         assert out.count("Running stage") == 1, out
-        alone = (shown(repo) or {})[f"{name}-alone"]
-        assert committed(repo, alone, TRAINED) == committed(repo, now[name], TRAINED), name
+        alone = by_name(shown(repo))[f"{name}-alone"]
+        assert committed(repo, alone, TRAINED) == committed(repo, finished[name], TRAINED), name

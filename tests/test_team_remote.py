@@ -18,6 +18,8 @@ from moto.server import ThreadedMotoServer
 from project import commit, run
 from tiny_pipeline import BUILT
 
+from genfusion.commands.experiments import experiments
+
 pytestmark = pytest.mark.integration
 
 BUCKET = "genfusion-team"
@@ -67,12 +69,9 @@ def credentials(tmp_path: Path) -> dict[str, str]:
 
 def shown_experiment(repo: Path, name: str) -> tuple[dict, dict]:
     """The params (params.yaml) and metrics (by file) of experiment `name` in `dvc exp show`."""
-    for baseline in json.loads(run(repo, "dvc", "exp", "show", "--json")):
-        for experiment in baseline.get("experiments") or []:
-            rev = experiment["revs"][0]
-            if rev.get("name") == name:
-                metrics = {path: entry["data"] for path, entry in rev["data"]["metrics"].items()}
-                return rev["data"]["params"]["params.yaml"]["data"], metrics
+    for rev in experiments(json.loads(run(repo, "dvc", "exp", "show", "--json"))):
+        if rev["name"] == name:
+            return rev["params"], {path: entry["data"] for path, entry in rev["data"]["metrics"].items()}
     raise AssertionError(f"no experiment {name} in {repo}'s dvc exp show")
 
 
