@@ -133,6 +133,21 @@ def test_run_stopped_mid_batch_resumes_with_the_same_batches(pipe, tmp_path: Pat
     assert contents(tmp_path / "out") == contents(tmp_path / "uninterrupted")
 
 
+def test_a_torn_last_manifest_row_remakes_only_its_image(pipe, tmp_path: Path, caplog) -> None:
+    """Rows are appended batch by batch: a kill in the middle of an append leaves the last row
+    cut short, and that image alone is made again."""
+    out = tmp_path / "out"
+    run(pipe, out, 3, batch=1)
+    manifest = out / MANIFEST
+    text = manifest.read_text()
+    manifest.write_text(text[: text.rstrip("\n").rindex(",")])  # the last row loses its last field
+    with caplog.at_level(logging.INFO, logger="genfusion.jobs"):
+        run(pipe, out, 3, batch=1)
+    assert "1 images to make, 2 kept" in caplog.text
+    run(pipe, tmp_path / "fresh", 3, batch=1)
+    assert contents(out) == contents(tmp_path / "fresh")
+
+
 def test_processes_share_batches_and_match_one_process(base_dir: Path, pipe, tmp_path: Path) -> None:
     """Two ranks (threads with a real barrier, as under `accelerate launch`) make what one makes."""
     barrier = threading.Barrier(2)

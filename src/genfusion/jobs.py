@@ -4,7 +4,8 @@
 The output folder is its own resume state: an image is kept when its manifest row matches the
 current request (same model fingerprint, prompt, seed and sampler settings), so a rerun renders
 only the batches with something missing and a killed run loses at most the batch in flight.
-Each PNG is renamed into place when complete and the manifest is rewritten after every batch.
+Each PNG is renamed into place when complete; its manifest row is appended after every batch, and
+the manifest is rewritten whole, in request order, at the end.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 from genfusion import fsio
 from genfusion.errors import GenfusionError
 from genfusion.layout import MANIFEST
-from genfusion.manifest import read_manifest, write_manifest
+from genfusion.manifest import append_manifest, read_manifest, write_manifest
 from genfusion.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -120,7 +121,6 @@ def run_jobs(
     # identical bytes need identical batches. Only the missing images are written.
     blocks = [block for block in _batches(jobs, batch, batch_key) if any(j.file not in kept for j in block)]
     mine = blocks[state.process_index :: state.num_processes]
-    done = set(kept)
     count = sum(job.file not in kept for block in mine for job in block)
     share = f"{count} images"
     if state.num_processes > 1:
@@ -133,11 +133,10 @@ def run_jobs(
             for name, data in (job.companions | extras).items():
                 fsio.write_bytes(out_dir / name, data)
             fsio.write_png(out_dir / job.file, image)
-            done.add(job.file)
         if state.is_main_process:
-            write_manifest(out_dir / MANIFEST, columns, [job.row for job in jobs if job.file in done])
+            append_manifest(out_dir / MANIFEST, columns, [job.row for job in chunk if job.file not in kept])
     state.wait_for_everyone()
     rows = [job.row for job in jobs]
-    if state.is_main_process and state.num_processes > 1:
+    if state.is_main_process:
         write_manifest(out_dir / MANIFEST, columns, rows)
     return rows

@@ -32,3 +32,12 @@ def write_manifest(path: Path, columns: Sequence[str], rows: Sequence[dict[str, 
     writer.writeheader()
     writer.writerows(rows)
     fsio.write_text(path, text.getvalue())
+
+
+def append_manifest(path: Path, columns: Sequence[str], rows: Sequence[dict[str, str]]) -> None:
+    """Rows added at the end of a manifest `write_manifest` wrote: a long run records its
+    progress at the cost of a batch, where rewriting the whole file after every batch grows with
+    the square of the images. A run killed mid-write leaves a torn last row, which matches no
+    request (a field is cut or missing), so its image is made again."""
+    with path.open("a", newline="", encoding="utf-8") as f:
+        csv.DictWriter(f, fieldnames=columns, lineterminator="\n").writerows(rows)
