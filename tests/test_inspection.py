@@ -36,7 +36,7 @@ def rgb_of(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def test_identical_sets_are_at_distance_zero_and_a_recoloured_set_moves_away() -> None:
+def test_identical_sets_are_at_distance_zero_and_a_recoloured_set_moves_away(monkeypatch) -> None:
     # 48 crops of the real fixture tiles, and the same crops with more red.
     rng = np.random.default_rng(0)
     tiles = [rgb_of(p) for p in sorted(FIXTURE.parent.glob("*.png"))]
@@ -58,6 +58,16 @@ def test_identical_sets_are_at_distance_zero_and_a_recoloured_set_moves_away() -
         distribution.kid(same, np.stack([distribution.descriptor(c) for c in redder(a)])) for a in (10, 40)
     )
     assert more > little > 0 and more > 10 * floor
+    # A set larger than the subset size: the mean over subsets estimates the same distance.
+    by_subsets = distribution.kid(same, np.stack([distribution.descriptor(c) for c in redder(40)]), 24, 200)
+    assert by_subsets == pytest.approx(more, rel=0.2) and by_subsets > 10 * floor
+    # Near-duplicates are looked for a block of queries at a time; blocks change no answer
+    # (beyond the last bits of rounding: a matrix product sums in another order).
+    whole = distribution.nearest(stats, stats[:5])
+    assert list(whole[0][:5]) == [0, 1, 2, 3, 4] and whole[1][:5] == pytest.approx(1.0)
+    monkeypatch.setattr(distribution, "NEAREST_BLOCK", 7)
+    blocked = distribution.nearest(stats, stats[:5])
+    assert (blocked[0] == whole[0]).all() and blocked[1] == pytest.approx(whole[1], rel=1e-12)
     assert distribution.values_distance([1, 2, 3], [1, 2, 3]) == 0.0
     assert distribution.values_distance([0, 0], [1, 3]) == pytest.approx(2.0)  # mean shift of 2
 
@@ -262,6 +272,41 @@ def test_a_rebuild_adds_no_duplicates_and_drops_a_removed_image(tmp_path: Path) 
     assert build(project).returncode == 0
     after = fiftyone_summary(project)
     assert after["count"]["generated"] == 5 and str(gone) not in after["files"]
+
+
+SYNC_IN_BATCHES = """
+import json, sys
+from pathlib import Path
+from PIL import Image
+from genfusion.boxes import Box
+from genfusion.integrations.fiftyone import connect, use_database
+from genfusion.stages import inspect as inspection
+
+root = Path(sys.argv[1])
+use_database(root / "db")
+connect()
+inspection.FIELD_BATCH = 2
+items = []
+for k in range(5):
+    path = root / f"image_{k}.png"
+    Image.new("RGB", (32, 32), (k, 0, 0)).save(path)
+    auto = [Box("tree", 1, 1, 9, 9)] * k
+    items.append(inspection.Item(path, "generated", "generated/a", subject="a", seed=k, auto=auto))
+dataset = inspection.sync_dataset("batches", items)
+rows = zip(dataset.values("filepath"), dataset.values("seed"), dataset.values("auto_labels.detections"))
+print(json.dumps({Path(p).name: [seed, len(found)] for p, seed, found in rows}))
+"""
+
+
+@pytest.mark.integration
+def test_fields_are_set_a_batch_of_samples_at_a_time(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIFTYONE_")}
+    done = subprocess.run(
+        [sys.executable, "-c", SYNC_IN_BATCHES, str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    fields = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fields == {f"image_{k}.png": [k, k] for k in range(5)}
 
 
 @pytest.mark.integration

@@ -358,6 +358,10 @@ def sample_fields(item: Item) -> dict:
     }
 
 
+# Samples whose fields are set at once.
+FIELD_BATCH = 10_000
+
+
 def sync_dataset(name: str, items: Sequence[Item]):
     """The persistent dataset holding exactly `items`, one sample per file, fields refreshed (a
     moved project's samples kept, with the tags people gave them in the App)."""
@@ -372,13 +376,20 @@ def sync_dataset(name: str, items: Sequence[Item]):
         log.info("inspect: %d images are gone since the last run; removing them from %s", len(gone), name)
         dataset.delete_samples(gone)
     dataset.add_samples([fo.Sample(filepath=path) for path in wanted if path not in present])
-    values = {path: sample_fields(item) for path, item in wanted.items()}
     schema = dataset.get_field_schema()
     for key, kind in field_types().items():
         if key not in schema:
             # Declared up front: FiftyOne cannot infer a type from a field that is None everywhere.
             dataset.add_sample_field(key, **kind)
-        dataset.set_values(key, {path: v[key] for path, v in values.items()}, key_field="filepath")
+    # Set by sample id, a batch of samples at a time: keyed by file path, FiftyOne looks every
+    # path up in one query, which MongoDB refuses past 16 MB (about 200,000 paths), and the
+    # fields of every sample at once cost a few KB an image.
+    ids = dict(zip(dataset.values("filepath"), dataset.values("id"), strict=True))
+    paths = list(wanted)
+    for start in range(0, len(paths), FIELD_BATCH):
+        values = {ids[path]: sample_fields(wanted[path]) for path in paths[start : start + FIELD_BATCH]}
+        for key in field_types():
+            dataset.set_values(key, {sample_id: v[key] for sample_id, v in values.items()}, key_field="id")
     dataset.untag_samples(["memorised", "leaked"])
     dataset.exists("copy_of_train").tag_samples("memorised")
     dataset.exists("copy_of_test").tag_samples("leaked")
