@@ -200,6 +200,10 @@ def test_agreement_realism_and_percentiles_by_hand() -> None:
     np.testing.assert_allclose(quality_filter.percentiles([0.1, 0.5, 0.5, 0.9]), [0, 0.5, 0.5, 1])
     np.testing.assert_allclose(quality_filter.percentiles([7.0, 7.0, 7.0]), [0.5, 0.5, 0.5])
     np.testing.assert_allclose(quality_filter.percentiles([7.0]), [0.5])
+    # Many values with ties: the definition, every pair compared (the stage counts by sorting).
+    values = np.round(np.random.default_rng(0).normal(size=500), 1)
+    pairs = (values[None, :] < values[:, None]).sum(1) + ((values[None, :] == values[:, None]).sum(1) + 1) / 2
+    np.testing.assert_array_equal(quality_filter.percentiles(values), (pairs - 1) / (len(values) - 1))
 
 
 def test_choose_orders_by_mean_percentile_then_file_and_keeps_the_share() -> None:

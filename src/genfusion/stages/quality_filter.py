@@ -141,8 +141,11 @@ def percentiles(values: Sequence[float]) -> np.ndarray:
     n = len(values)
     if n == 1:
         return np.array([0.5])
-    below = (values[None, :] < values[:, None]).sum(axis=1)
-    equal = (values[None, :] == values[:, None]).sum(axis=1)
+    # Counted by binary search in the sorted values: comparing every pair holds an n x n matrix
+    # (10 GB at 100,000 images).
+    ordered = np.sort(values)
+    below = np.searchsorted(ordered, values, side="left")
+    equal = np.searchsorted(ordered, values, side="right") - below
     mean_rank = below + (equal + 1) / 2  # 1-based, ties averaged
     return (mean_rank - 1) / (n - 1)
 
