@@ -252,7 +252,7 @@ def distribution_figure(items: Sequence[Item]):
     axes = figure.subplots(2, 3).ravel()
     for name in sets:
         members = [i for i in items if i.set == name]
-        pooled = np.sum([i.stats.histogram for i in members], axis=0).astype(np.float64)
+        pooled = sum(i.stats.histogram for i in members).astype(np.float64)  # one image at a time
         for c, colour in enumerate(("red", "green", "blue")):
             axes[c].plot(pooled[c] / pooled[c].sum(), label=name)
             axes[c].set_title(f"{colour} channel")
