@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import onnx
 import pytest
 import yaml
 from project import commit, run
@@ -85,6 +86,8 @@ def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(tiny_run: Tin
         check = json.loads((repo / f"metrics/export/{variant}-{seed}.json").read_text())
         assert check["parity"] and check["map50_difference"] <= check["tolerance"]
         assert (repo / f"models/onnx/{variant}-{seed}.onnx").stat().st_size > 100_000
+        exported = onnx.load(repo / f"models/onnx/{variant}-{seed}.onnx")
+        assert "date" not in {p.key for p in exported.metadata_props}  # same weights, same file
     scene = json.loads((repo / "data/scenes/test/annotations.json").read_text())
     assert [image["file_name"] for image in scene["images"]] == ["images/OSBS_029.png"]
     assert len(scene["annotations"]) == 61  # each tree once, although the test tiles overlap

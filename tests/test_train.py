@@ -180,6 +180,30 @@ def test_killed_training_resumes_and_ends_like_a_full_run(
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs), f"{file} differs from the full run's"
 
 
+@pytest.mark.integration
+def test_the_same_training_in_another_clone_writes_the_same_files(
+    workspace: Path, uninterrupted: Path, train_seed: int, tmp_path: Path
+) -> None:
+    """Ultralytics writes the date, git details, wall-clock times and absolute paths into a run;
+    the stage leaves them out, so the same request gives the same files (and DVC hashes) in
+    any folder."""
+    clone = tmp_path / "clone"
+    shutil.copytree(workspace / "data", clone / "data", symlinks=True)
+    shutil.copyfile(workspace / "params.yaml", clone / "params.yaml")
+    run = subprocess.run(
+        train_command(clone, "full-0", seed=train_seed), cwd=clone, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    again = clone / "models" / "full-0"
+    files = sorted(p.relative_to(uninterrupted) for p in uninterrupted.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for name in files:
+        assert (again / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+    checkpoint = torch.load(again / "weights" / "best.pt", map_location="cpu", weights_only=False)
+    assert not {"date", "git"} & set(checkpoint) and "time" not in checkpoint["train_results"]
+    assert checkpoint["train_args"]["data"] == "data/datasets/real/dataset.yaml"
+
+
 def batches_per_epoch(loader, epochs: range) -> list[list[list[int]]]:
     """The batches a loader gives in each epoch, iterated as Ultralytics' training loop does: one
     iterator throughout, reset when mosaic closes, at the run's first epoch from

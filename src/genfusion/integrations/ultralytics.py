@@ -216,3 +216,74 @@ def continue_shuffling(trainer: BaseTrainer, saved: torch.Tensor) -> None:
     generator.set_state(saved)
     if loader.drop_last or len(loader.sampler) % loader.batch_size == 0:
         torch.randperm(len(loader.sampler), generator=generator)  # the end of the last pass
+
+
+# What Ultralytics writes into a run that differs from one run of the same request to the next,
+# though the weights are the same: the date, the git details and each epoch's wall-clock time (in
+# the checkpoints and results.csv), and absolute paths (in the checkpoints' train_args, their
+# model's args and args.yaml), which differ between two clones of the project.
+RUN_DETAILS = ("date", "git")
+PATH_ARGS = ("data", "project", "save_dir")
+
+
+def _paths_from(args: dict, root: Path) -> dict:
+    for key in PATH_ARGS:
+        value = args.get(key)
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(root):
+            args[key] = Path(value).relative_to(root).as_posix()
+    return args
+
+
+def settle_run(run: Path, root: Path) -> None:
+    """Make a finished run folder the same bytes for the same request and seed, so that DVC sees
+    the same output: drop the run's date, git details and wall-clock times, and write the paths
+    inside the project `root` relative to it."""
+    import csv
+    import io
+
+    import torch
+    import yaml
+
+    from genfusion import fsio
+
+    root = root.resolve()
+    for checkpoint in sorted((run / "weights").glob("*.pt")):
+        data = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        for key in RUN_DETAILS:
+            data.pop(key, None)
+        if isinstance(data.get("train_results"), dict):
+            data["train_results"].pop("time", None)
+        if isinstance(data.get("train_args"), dict):
+            _paths_from(data["train_args"], root)
+        for model in (data.get("model"), data.get("ema")):
+            if isinstance(getattr(model, "args", None), dict):
+                _paths_from(model.args, root)
+        buffer = io.BytesIO()
+        torch.save(data, buffer)
+        fsio.write_bytes(checkpoint, buffer.getvalue())
+    args = run / "args.yaml"
+    if args.is_file():
+        settled = _paths_from(yaml.safe_load(args.read_text()), root)
+        fsio.write_text(args, yaml.safe_dump(settled, sort_keys=False))
+    results = run / "results.csv"
+    if results.is_file():
+        with results.open(newline="") as f:
+            rows = list(csv.DictReader(f, skipinitialspace=True))
+        columns = [c for c in rows[0] if c != "time"] if rows else []
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        fsio.write_text(results, text.getvalue())
+
+
+def drop_export_date(onnx_file: Path) -> None:
+    """The ONNX model's metadata without the date of its export, which makes every export of the
+    same weights a different file."""
+    import onnx
+
+    model = onnx.load(str(onnx_file))
+    kept = [prop for prop in model.metadata_props if prop.key != "date"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(onnx_file))

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from genfusion import fsio, layout
-from genfusion.integrations.ultralytics import load_yolo, restore_training_state, training_state
+from genfusion.integrations.ultralytics import load_yolo, restore_training_state, settle_run, training_state
 from genfusion.params import Params, TrainParams
 
 log = logging.getLogger(__name__)
@@ -241,6 +241,7 @@ def train_detector(
         )
     logger.live.end()
     shutil.rmtree(exact_resume.folder)
+    settle_run(scratch, layout.project_root())
 
     for stale in (out, live_out):
         shutil.rmtree(stale, ignore_errors=True)
