@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 from project import generate_canopy
 
-from genfusion import fsio
+from genfusion import fsio, jobs
 from genfusion.diffusion.pipelines import build_tiny_pipeline, load_generator
 from genfusion.diffusion.text_to_image import text_to_image
 from genfusion.errors import GenfusionError
@@ -148,9 +148,13 @@ def test_a_torn_last_manifest_row_remakes_only_its_image(pipe, tmp_path: Path, c
     assert contents(out) == contents(tmp_path / "fresh")
 
 
-def test_processes_share_batches_and_match_one_process(base_dir: Path, pipe, tmp_path: Path) -> None:
-    """Two ranks (threads with a real barrier, as under `accelerate launch`) make what one makes."""
+def test_processes_share_batches_and_match_one_process(
+    base_dir: Path, pipe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ranks (threads with a real barrier, as under `accelerate launch`) make what one makes.
+    (test_processes.py runs real processes; threads keep this one fast.)"""
     barrier = threading.Barrier(2)
+    handed: list = [None, None]
 
     class Rank:
         num_processes = 2
@@ -160,6 +164,16 @@ def test_processes_share_batches_and_match_one_process(base_dir: Path, pipe, tmp
 
         def wait_for_everyone(self) -> None:
             barrier.wait(timeout=120)
+
+    def gather(state: Rank, rows: list) -> list:
+        """torch.distributed.gather_object's contract: every rank's rows on rank 0, in rank order."""
+        handed[state.process_index] = rows
+        state.wait_for_everyone()
+        every = [row for part in handed for row in part] if state.is_main_process else []
+        state.wait_for_everyone()
+        return every
+
+    monkeypatch.setattr(jobs, "gather_to_main", gather)
 
     # 64 px: there a different batch gives different bytes (see the test above).
 

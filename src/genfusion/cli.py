@@ -743,6 +743,8 @@ def cross_scene_report(
 
 
 def main() -> None:
+    from genfusion.launch import RELAUNCHED_VAR, leave_process_group
+
     try:
         app(standalone_mode=True)
     except GenfusionError as exc:
@@ -750,12 +752,15 @@ def main() -> None:
             traceback.print_exception(exc)
         error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
         if error_file and "LOCAL_RANK" in os.environ:
-            # A process of a run on several: the launcher says the error once (a process that
-            # said it itself could be stopped by the launcher first, when another failed sooner).
+            # A process of a run on several: its launcher's summary names the error.
             Path(error_file).write_text(json.dumps({"message": str(exc), "timestamp": str(int(time.time()))}))
-        else:
+        if not (error_file and RELAUNCHED_VAR in os.environ):
+            # Under `diffusion.processes` the relaunching command says it once (a process that said
+            # it itself could be stopped by the launcher first, when another failed sooner).
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    finally:
+        leave_process_group()
 
 
 if __name__ == "__main__":  # `torchrun -m genfusion.cli ...` runs the module

@@ -4,8 +4,9 @@
 The output folder is its own resume state: an image is kept when its manifest row matches the
 current request (same model fingerprint, prompt, seed and sampler settings), so a rerun renders
 only the batches with something missing and a killed run loses at most the batch in flight.
-Each PNG is renamed into place when complete; its manifest row is appended after every batch, and
-the manifest is rewritten whole, in request order, at the end.
+Each PNG is renamed into place when complete; its manifest row is appended after every batch
+(every round of batches, one per process, when several share the work), and the manifest is
+rewritten whole, in request order, at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from genfusion import fsio
 from genfusion.errors import GenfusionError
+from genfusion.launch import gather_to_main, share_label
 from genfusion.layout import MANIFEST
 from genfusion.manifest import append_manifest, read_manifest, write_manifest
 from genfusion.progress import progress_bar
@@ -91,8 +93,8 @@ def run_jobs(
     `render` gives an image per job, or (image, {file: bytes}) when it also makes the job's
     `extras`; these and the companions are written before the image, which marks the job done.
 
-    Several processes (`diffusion.processes`, torchrun) share the work batch by batch; only the
-    main process deletes strays and writes the manifest.
+    Several processes (`diffusion.processes`, torchrun on one node or several) share the work
+    batch by batch; only the main process deletes strays and writes the manifest.
     """
     from accelerate import PartialState
 
@@ -120,21 +122,27 @@ def run_jobs(
     # uninterrupted one: batched kernels can round differently with a different batch, and
     # identical bytes need identical batches. Only the missing images are written.
     blocks = [block for block in _batches(jobs, batch, batch_key) if any(j.file not in kept for j in block)]
-    mine = blocks[state.process_index :: state.num_processes]
+    # Round r gives process p block r * n + p. After each round the main process appends every
+    # process's rows, so a restarted run (torchrun --max-restarts) keeps all that was finished.
+    n, me = state.num_processes, state.process_index
+    mine = blocks[me::n]
     count = sum(job.file not in kept for block in mine for job in block)
-    share = f"{count} images"
-    if state.num_processes > 1:
-        share += f", process {state.process_index} of {state.num_processes}"
-    for chunk in progress_bar(mine, f"{description} ({share})", total=len(mine)):
-        for job, made in zip(chunk, render(chunk), strict=True):
-            if job.file in kept:
-                continue
-            image, extras = made if isinstance(made, tuple) else (made, {})
-            for name, data in (job.companions | extras).items():
-                fsio.write_bytes(out_dir / name, data)
-            fsio.write_png(out_dir / job.file, image)
+    rounds = range(0, len(blocks), n)
+    for first in progress_bar(rounds, f"{description} ({share_label(state, count)})", total=len(rounds)):
+        done = []
+        if first + me < len(blocks):
+            chunk = blocks[first + me]
+            for job, made in zip(chunk, render(chunk), strict=True):
+                if job.file in kept:
+                    continue
+                image, extras = made if isinstance(made, tuple) else (made, {})
+                for name, data in (job.companions | extras).items():
+                    fsio.write_bytes(out_dir / name, data)
+                fsio.write_png(out_dir / job.file, image)
+                done.append(job.row)
+        done = gather_to_main(state, done)
         if state.is_main_process:
-            append_manifest(out_dir / MANIFEST, columns, [job.row for job in chunk if job.file not in kept])
+            append_manifest(out_dir / MANIFEST, columns, done)
     state.wait_for_everyone()
     rows = [job.row for job in jobs]
     if state.is_main_process:

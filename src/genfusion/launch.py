@@ -1,20 +1,33 @@
-"""How a command's computation starts on this machine: how many threads it computes on, and
-whether it runs again as several processes under torch's elastic launcher.
+"""How a command's computation starts: how many threads it computes on, whether it runs again as
+several processes under torch's elastic launcher, and its place among the processes of a run on
+several (`diffusion.processes`, or `torchrun` on one node or several).
 
-Neither changes what a stage computes (params `threads` and `diffusion.processes` give the same
-files at any value), so no stage declares this module (dvc.yaml, tests/test_dvc_declarations.py).
+None of it changes what a stage computes (params `threads` and `diffusion.processes`, and the
+number of nodes, give the same files at any value), so no stage declares this module (dvc.yaml,
+tests/test_dvc_declarations.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from genfusion.errors import GenfusionError
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 log = logging.getLogger(__name__)
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# Set for the processes `relaunch_as_processes` starts: their launcher says their error, once.
+RELAUNCHED_VAR = "GENFUSION_RELAUNCHED"
+SHARED_TOKEN = ".genfusion-shared-folder-{}"
 
 
 def use_threads(threads: int | None) -> int:
@@ -41,8 +54,6 @@ def relaunch_as_processes(processes: int) -> bool:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from genfusion.errors import GenfusionError
-
     # The launcher's own progress notes are noise here; a failure is reported below.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     log.info("running on %d processes (torchrun)", processes)
@@ -55,6 +66,7 @@ def relaunch_as_processes(processes: int) -> bool:
         rdzv_endpoint="localhost:0",
         max_restarts=0,
     )
+    os.environ[RELAUNCHED_VAR] = "1"
     try:
         elastic_launch(config, sys.executable)("-m", "genfusion.cli", *sys.argv[1:])
     except ChildFailedError as exc:
@@ -67,3 +79,76 @@ def relaunch_as_processes(processes: int) -> bool:
         rank, failure = exc.get_first_failure()
         raise GenfusionError(f"process {rank} of {processes} failed (exit code {failure.exitcode})") from exc
     return True
+
+
+def process_state(device: str) -> PartialState:
+    """This process's place among the stage's processes (`diffusion.processes`, or a `torchrun`
+    / `accelerate launch` of the stage on one node or several): a CPU run joins the group over
+    gloo. Work is shared out by global rank, and global rank 0 alone writes what DVC sees, so
+    every process must see the same project folder: checked here, before any work."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu")
+    if state.num_processes > 1:
+        check_shared_folder(state, Path.cwd())
+    return state
+
+
+def check_shared_folder(state: PartialState, folder: Path) -> None:
+    """Refuse to start unless every process sees `folder` as the same folder: global rank 0 writes
+    a file with a fresh token in it, and every process must read that token back."""
+    import torch.distributed as dist
+
+    token = [uuid.uuid4().hex if state.is_main_process else None, socket.gethostname()]
+    dist.broadcast_object_list(token, src=0)
+    path = folder / SHARED_TOKEN.format(token[0])
+    if state.is_main_process:
+        path.write_text(token[0])
+    state.wait_for_everyone()
+    try:
+        seen = path.read_text() == token[0]
+    except OSError:
+        seen = False
+    answers: list = [None] * state.num_processes
+    dist.all_gather_object(answers, (seen, socket.gethostname()))
+    if state.is_main_process:
+        path.unlink()
+    blind = [f"{rank} (on {host})" for rank, (ok, host) in enumerate(answers) if not ok]
+    if blind:
+        raise GenfusionError(
+            f"{folder}: not the same folder for every process: rank(s) {', '.join(blind)} cannot read"
+            f" the file rank 0 (on {token[1]}) wrote there; run from a project folder on a filesystem"
+            " that every node mounts at the same path (docs/beyond-one-machine.md)"
+        )
+    log.debug("%s: seen by all %d processes", folder, state.num_processes)
+
+
+def leave_process_group() -> None:
+    """End this process's part in a run on several, if it had one. Left to the interpreter's exit,
+    gloo's threads can abort a process that has finished its work (SIGABRT, "terminate called
+    without an active exception"), which torchrun reports as a failure."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_to_main(state: PartialState, items: list) -> list:
+    """Every process's items, in process order, on the main process (an empty list elsewhere)."""
+    if state.num_processes == 1:
+        return items
+    import torch.distributed as dist
+
+    every: list | None = [None] * state.num_processes if state.is_main_process else None
+    dist.gather_object(items, every, dst=0)
+    return [item for part in every or () for item in part]
+
+
+def share_label(state: PartialState, count: int) -> str:
+    """What a progress bar says of this process's share: "12 images, process 1 of 2"."""
+    label = f"{count} images"
+    if state.num_processes > 1:
+        label += f", process {state.process_index} of {state.num_processes}"
+    return label

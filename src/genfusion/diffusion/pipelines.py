@@ -440,14 +440,6 @@ def working_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
     return tuple(max(8, round(side * scale / 8) * 8) for side in size)
 
 
-def process_state(device: str) -> PartialState:
-    """This process's place among the stage's processes (`diffusion.processes`, or a `torchrun`
-    / `accelerate launch` of the stage): a CPU run joins the group over gloo."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=device == "cpu")
-
-
 def stage_device(diffusion: DiffusionParams, state: PartialState) -> str:
     """diffusion.device, or under several processes each process's own device."""
     return str(state.device) if state.num_processes > 1 else diffusion.device

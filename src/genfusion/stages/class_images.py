@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 def main(params: Params, *, subject: str, base: Path, out: Path) -> None:
     """Entry point: `finetune.num_class_images` images with seeds from `finetune.seed`, sampled with
     the `generate` settings."""
-    from genfusion.diffusion.pipelines import model_fingerprint, open_generator, process_state
+    from genfusion.diffusion.pipelines import model_fingerprint, open_generator
     from genfusion.diffusion.text_to_image import text_to_image
+    from genfusion.launch import process_state
 
     spec, settings = params.subject(subject), params.finetune_for(subject)
     state = process_state(params.diffusion.device)

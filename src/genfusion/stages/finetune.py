@@ -324,10 +324,10 @@ def main(
         load_generator,
         memory_guard,
         model_fingerprint,
-        process_state,
         read_source,
         stage_device,
     )
+    from genfusion.launch import process_state
 
     spec = params.subject(subject)
     settings = params.finetune_for(subject)

@@ -26,11 +26,11 @@ def main(params: Params, *, subject: str, base: Path, finetuned: Path | None, re
     from genfusion.diffusion.pipelines import (
         model_fingerprint,
         open_generator,
-        process_state,
         read_finetune,
         render_prompt,
     )
     from genfusion.diffusion.text_to_image import text_to_image
+    from genfusion.launch import process_state
 
     diffusion, request = params.diffusion, params.generate
     n = request.n

@@ -462,11 +462,11 @@ def main(
         check_model_resolution,
         model_fingerprint,
         open_generator,
-        process_state,
         read_finetune,
         render_prompt,
         stage_device,
     )
+    from genfusion.launch import process_state
 
     diffusion, request = params.diffusion, params.inpaint
     check_tracked(request, checkpoints)

@@ -146,8 +146,10 @@ def write_labels(
 
 
 def main(params: Params, *, subject: str, generated: Path, weights: Path, out: Path) -> None:
-    """Entry point: label every image listed in `generated`'s manifest."""
+    """Entry point: label every image listed in `generated`'s manifest. Under torchrun, on one
+    node or several, each process labels its share by global rank and rank 0 writes the folder."""
     from genfusion.images import read_header
+    from genfusion.launch import gather_to_main, process_state, share_label
 
     settings = params.prelabel
     rows = read_manifest(generated / MANIFEST)
@@ -155,17 +157,23 @@ def main(params: Params, *, subject: str, generated: Path, weights: Path, out: P
         raise GenfusionError(
             f"{generated / MANIFEST}: no generated images listed; run `dvc repro generate@{subject}` first"
         )
-    images = [generated / row["file"] for row in rows.values()]
-    stems = [path.stem for path in images]
+    device = params.train.device if settings.method == "detector" else "cpu"
+    state = process_state(device)
+    # Process p labels images p, p + n, p + 2n, ...; rank 0 puts them back in manifest order.
+    share = range(state.process_index, len(rows), state.num_processes)
+    mine = list(rows.values())[state.process_index :: state.num_processes]
+    images = [generated / row["file"] for row in mine]
     sizes = [read_header(path).size for path in images]
     if settings.method == "detector":
-        labels = detect(weights, images, params.classes, settings, params.train.imgsz, params.train.device)
+        device = str(state.device) if state.num_processes > 1 else device
+        labels = detect(weights, images, params.classes, settings, params.train.imgsz, device)
     else:
         labels = []
-        for row, stem, size in progress_bar(
-            list(zip(rows.values(), stems, sizes, strict=True)), f"prelabel@{subject}"
+        for row, path, size in progress_bar(
+            list(zip(mine, images, sizes, strict=True)),
+            f"prelabel@{subject} ({share_label(state, len(images))})",
         ):
-            maps_path = generated / "attention" / f"{stem}.npz"
+            maps_path = generated / "attention" / f"{path.stem}.npz"
             if row.get("attention") is None or not maps_path.is_file():
                 raise GenfusionError(
                     f"{maps_path}: no attention maps; they are captured while generating when"
@@ -173,4 +181,9 @@ def main(params: Params, *, subject: str, generated: Path, weights: Path, out: P
                 )
             with np.load(maps_path) as maps:
                 labels.append(attention_labels(dict(maps), size, params.classes, settings))
-    write_labels(out, stems, labels, sizes, params.classes, settings.method, params.task)
+    found = gather_to_main(state, list(zip(share, images, labels, sizes, strict=True)))
+    if state.is_main_process:
+        _, images, labels, sizes = zip(*sorted(found, key=lambda item: item[0]), strict=True)
+        stems = [path.stem for path in images]
+        write_labels(out, stems, labels, sizes, params.classes, settings.method, params.task)
+    state.wait_for_everyone()

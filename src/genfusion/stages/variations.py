@@ -153,7 +153,8 @@ def make_variations(
 
 def main(params: Params, *, base: Path, finetuned: Path | None, real: Path, out: Path) -> None:
     """Entry point: paths from dvc.yaml, everything else from params (variations.*, diffusion.*)."""
-    from genfusion.diffusion.pipelines import model_fingerprint, open_generator, process_state, render_prompt
+    from genfusion.diffusion.pipelines import model_fingerprint, open_generator, render_prompt
+    from genfusion.launch import process_state
 
     diffusion, request = params.diffusion, params.variations
     prompt = render_prompt(request.prompt, "variations.prompt", class_prompt=diffusion.class_prompt)
