@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,7 +92,27 @@ def process_state(device: str) -> PartialState:
     state = PartialState(cpu=device == "cpu")
     if state.num_processes > 1:
         check_shared_folder(state, Path.cwd())
+        if state.is_main_process and restarts_share_the_agents_store(os.environ):
+            log.warning(
+                "torchrun restarts on several nodes, with the launchers' shared store: a restart can"
+                " hang or connect to a process of the last attempt (pytorch/pytorch#135712); set"
+                " TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (docs/beyond-one-machine.md)"
+            )
     return state
+
+
+def restarts_share_the_agents_store(environ: Mapping[str, str]) -> bool:
+    """Whether this torchrun process may be restarted (`--max-restarts`) in a group of several
+    agents that share their rendezvous store with their processes (torch's default). Each
+    attempt's keys in that store are told apart by the restart count, which each agent keeps
+    for itself: an agent that restarts because another node's process failed keeps its count, so
+    its processes read the last attempt's addresses. Seen here as a hang, or as "Connection
+    refused", in 3 of 6 restarts (pytorch/pytorch#135712); none in 8 with the store not shared."""
+    return (
+        environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+        and int(environ.get("GROUP_WORLD_SIZE", "1")) > 1
+    )
 
 
 def check_shared_folder(state: PartialState, folder: Path) -> None:
