@@ -123,18 +123,24 @@ def check_shared_folder(state: PartialState, folder: Path) -> None:
     token = [uuid.uuid4().hex if state.is_main_process else None, socket.gethostname()]
     dist.broadcast_object_list(token, src=0)
     path = folder / SHARED_TOKEN.format(token[0])
+    unwritable = None
     if state.is_main_process:
-        path.write_text(token[0])
+        try:
+            path.write_text(token[0])
+        except OSError as exc:
+            unwritable = exc.strerror or str(exc)
     state.wait_for_everyone()
     try:
         seen = path.read_text() == token[0]
     except OSError:
         seen = False
     answers: list = [None] * state.num_processes
-    dist.all_gather_object(answers, (seen, socket.gethostname()))
+    dist.all_gather_object(answers, (seen, socket.gethostname(), unwritable))
     if state.is_main_process:
-        path.unlink()
-    blind = [f"{rank} (on {host})" for rank, (ok, host) in enumerate(answers) if not ok]
+        path.unlink(missing_ok=True)
+    if answers[0][2] is not None:
+        raise GenfusionError(f"{folder}: rank 0 (on {token[1]}) cannot write there: {answers[0][2]}")
+    blind = [f"{rank} (on {host})" for rank, (ok, host, _) in enumerate(answers) if not ok]
     if blind:
         raise GenfusionError(
             f"{folder}: not the same folder for every process: rank(s) {', '.join(blind)} cannot read"
