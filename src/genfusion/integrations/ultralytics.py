@@ -245,6 +245,7 @@ def settle_run(run: Path, root: Path) -> None:
     import yaml
 
     from genfusion import fsio
+    from genfusion.manifest import write_manifest
 
     root = root.resolve()
     for checkpoint in sorted((run / "weights").glob("*.pt")):
@@ -268,13 +269,11 @@ def settle_run(run: Path, root: Path) -> None:
     results = run / "results.csv"
     if results.is_file():
         with results.open(newline="") as f:
-            rows = list(csv.DictReader(f, skipinitialspace=True))
-        columns = [c for c in rows[0] if c != "time"] if rows else []
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        fsio.write_text(results, text.getvalue())
+            rows = [
+                {k: v for k, v in row.items() if k != "time"}
+                for row in csv.DictReader(f, skipinitialspace=True)
+            ]
+        write_manifest(results, list(rows[0]) if rows else [], rows)
 
 
 def drop_export_date(onnx_file: Path) -> None:
