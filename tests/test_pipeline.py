@@ -102,6 +102,19 @@ def test_repro_runs_the_whole_matrix_and_a_second_repro_is_a_no_op(tiny_run: Tin
     assert "up to date" in run(repo, "dvc", "status")
 
 
+def test_a_second_export_of_the_same_weights_is_the_same_file(tiny_run: TinyRun, tmp_path: Path) -> None:
+    """Determinism of the export stage: onnxslim's shape annotations vary from export to export
+    of the same weights, so a clean clone's `dvc repro` would change the ONNX models' hashes."""
+    from genfusion.stages.export import export_onnx
+
+    repo = tiny_run.repo
+    variant, seed = train_matrix(repo)[0]
+    imgsz = yaml.safe_load((repo / "params.yaml").read_text())["train"]["imgsz"]
+    for attempt in range(2):
+        again = export_onnx(repo / f"models/detectors/{variant}-{seed}/weights/best.pt", imgsz, tmp_path)
+        assert again.read_bytes() == (repo / f"models/onnx/{variant}-{seed}.onnx").read_bytes(), attempt
+
+
 def test_every_built_dataset_passes_ultralytics_check_of_a_training_set(tiny_run: TinyRun) -> None:
     """Every dataset the tiny pipeline builds, most of which it trains nothing on
     (tests/tiny_pipeline.py): every train image and its label file pass the check Ultralytics makes

@@ -276,13 +276,16 @@ def settle_run(run: Path, root: Path) -> None:
         write_manifest(results, list(rows[0]) if rows else [], rows)
 
 
-def drop_export_date(onnx_file: Path) -> None:
-    """The ONNX model's metadata without the date of its export, which makes every export of the
-    same weights a different file."""
+def settle_export(onnx_file: Path) -> None:
+    """The ONNX model rewritten so that every export of the same weights is the same file: without
+    the date of its export, and with its intermediate shapes inferred again by onnx. The shapes
+    onnxslim leaves (graph.value_info) differ from export to export of the same weights (repeated
+    entries, in a varying number and order); the graph and its weights do not."""
     import onnx
 
     model = onnx.load(str(onnx_file))
     kept = [prop for prop in model.metadata_props if prop.key != "date"]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
-    onnx.save(model, str(onnx_file))
+    del model.graph.value_info[:]
+    onnx.save(onnx.shape_inference.infer_shapes(model, strict_mode=True), str(onnx_file))

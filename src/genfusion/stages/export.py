@@ -15,7 +15,7 @@ from pathlib import Path
 
 from genfusion import fsio, scoring
 from genfusion.errors import GenfusionError
-from genfusion.integrations.ultralytics import drop_export_date
+from genfusion.integrations.ultralytics import settle_export
 from genfusion.params import Params
 from genfusion.scene_detection import detect_scenes, load_detector
 from genfusion.scenes import read_scene_set
@@ -30,7 +30,7 @@ def export_onnx(weights: Path, imgsz: int, scratch: Path) -> Path:
     exported = load_detector(copy).export(
         format="onnx", imgsz=imgsz, dynamic=True, simplify=True, device="cpu"
     )
-    drop_export_date(Path(exported))
+    settle_export(Path(exported))
     return Path(exported)
 
 
