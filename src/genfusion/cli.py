@@ -666,7 +666,9 @@ def tune_run(
 
 @tune_app.command("report")
 def tune_report(
-    by: Annotated[str, typer.Option(help="The row whose pooled val AP50 ranks the trials.")] = "real",
+    by: Annotated[
+        str, typer.Option(help="The row whose pooled val AP50 ranks the trials that train it.")
+    ] = "real",
     summary: Annotated[Path, typer.Option(help="JSON to write.")] = Path("metrics/tuning.json"),
     markdown: Annotated[Path, typer.Option(help="Markdown to write.")] = Path("reports/tuning.md"),
     params_path: ParamsOpt = Path("params.yaml"),

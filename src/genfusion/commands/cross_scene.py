@@ -98,17 +98,30 @@ def folds_in(shown: object) -> list[Fold]:
     ]
 
 
+def read_at(path: Path, rev: str) -> str:
+    """`path` as the experiment at revision `rev` left it, from this clone's DVC cache."""
+    import dvc.api
+    from dvc.exceptions import PathMissingError
+
+    try:
+        return dvc.api.read(str(path), rev=rev)
+    except PathMissingError as missing:
+        raise GenfusionError(
+            f"{path}: experiment {rev[:7]}'s copy is in neither this clone's DVC cache nor git (an"
+            " experiment fetched without its data?); `dvc exp pull <remote> <experiment>` fetches"
+            " it, or run the experiment here again"
+        ) from missing
+
+
 def pooled(
     runs: Sequence[tuple[str, Sequence[str], Sequence[int]]], scenes: Path, predictions: Path
 ) -> tuple[dict, dict[tuple[str, int], list[dict]]]:
     """Each run's scene set (`scenes`, read at the run's revision) as one ground truth, and every
     (row, seed)'s detections on it from `predictions`; a run is (experiment revision, rows, seeds)."""
-    import dvc.api
-
     truth: dict = {"images": [], "annotations": [], "categories": None}
     detections: dict[tuple[str, int], list[dict]] = {}
     for rev, rows, seeds in runs:
-        run_truth = json.loads(dvc.api.read(str(scenes / ANNOTATIONS), rev=rev))
+        run_truth = json.loads(read_at(scenes / ANNOTATIONS, rev))
         truth["categories"] = truth["categories"] or run_truth["categories"]
         offset = len(truth["images"])  # image ids 1..n of each run follow the previous run's
         truth["images"] += [image | {"id": image["id"] + offset} for image in run_truth["images"]]
@@ -118,7 +131,7 @@ def pooled(
         ]
         for row in rows:
             for seed in seeds:
-                found = json.loads(dvc.api.read(str(predictions / f"{row}-{seed}.json"), rev=rev))
+                found = json.loads(read_at(predictions / f"{row}-{seed}.json", rev))
                 detections.setdefault((row, seed), []).extend(
                     d | {"image_id": d["image_id"] + offset} for d in found
                 )

@@ -190,14 +190,19 @@ def report_main(
     params: Params, *, scenes: Path, predictions: Path, by: str, summary: Path, markdown: Path
 ) -> None:
     folds = trial_folds(exp_show("tune", all_commits=True))
-    trials = group_trials(folds, scene_names(params))
-    if not trials:
+    finished = group_trials(folds, scene_names(params))
+    if not finished:
         raise GenfusionError("tune: no trial has finished on every fold; run `genfusion tune run` first")
+    # The trials that train the ranking row: a clone that tuned `real` alone, then a variant's
+    # settings beside `real`, ranks each set with its own --by.
+    trials = [trial for trial in finished if by in trial[0].params.train.variants]
+    if not trials:
+        raise GenfusionError(
+            f"tune: --by {by}: none of the {len(finished)} finished trials trains a {by!r} detector"
+        )
     keys = differing(trials)
     results = []
     for trial in trials:
-        if by not in trial[0].params.train.variants:
-            raise GenfusionError(f"tune: --by {by}: trial {trial[0].name} trains no {by!r} detector")
         result = score_trial(trial, scenes, predictions, params)
         results.append({"settings": {k: trial[0].settings.get(k) for k in keys}} | result)
     results.sort(key=lambda r: -r["pooled"][by]["map50_mean"])
