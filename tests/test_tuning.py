@@ -15,6 +15,7 @@ from genfusion.commands.tuning import (
     group_trials,
     run_commands,
     trial_id,
+    trials_markdown,
 )
 from genfusion.errors import GenfusionError
 from genfusion.params import load_params
@@ -93,3 +94,34 @@ def test_only_finished_experiments_count() -> None:
     }
     shown[1]["experiments"].append(unread)
     assert [rev["name"] for rev in experiments(shown, ("running",))] == ["running", "unread"]
+
+
+def test_a_variants_trials_show_their_paired_difference_to_real() -> None:
+    def row(mean: float, delta: tuple[float, float, float] | None = None) -> dict:
+        figures = {"seeds": 1, "map50_mean": mean, "map50_low": mean - 0.05, "map50_high": mean + 0.05}
+        figures |= {"map_mean": mean / 3, "map_low": mean / 4, "map_high": mean / 2}
+        if delta:
+            figures |= dict(zip(("map50_delta", "map50_delta_low", "map50_delta_high"), delta, strict=True))
+        return figures
+
+    results = [
+        {
+            "settings": {"composite.density": density},
+            "pooled": {"real": row(0.136), "composite": row(mean, delta)},
+            "folds": {scene: {"real": 0.1, "composite": mean} for scene in SCENES},
+            "val_scenes": 3,
+            "objects": 159,
+        }
+        for density, mean, delta in (
+            (1.0, 0.150, (0.014, -0.020, 0.040)),
+            (0.5, 0.086, (-0.050, -0.107, -0.007)),
+        )
+    ]
+    params = load_params(ROOT / "params.yaml")
+    table = trials_markdown(results, ["composite.density"], "composite", params, Path("t.json")).splitlines()
+    assert (
+        "| rank | composite.density | composite AP50 | Δ AP50 to real | composite AP@0.5:0.95 |" in table[-4]
+    )
+    assert table[-2].startswith("| 1 | 1.0 | 0.150 [0.100, 0.200] | +0.014 [-0.020, +0.040] | 0.050 ")
+    assert table[-1].startswith("| 2 | 0.5 | 0.086 [0.036, 0.136] | -0.050 [-0.107, -0.007] * | 0.029 ")
+    assert "Δ" not in trials_markdown(results, ["composite.density"], "real", params, Path("t.json"))

@@ -28,7 +28,7 @@ from genfusion.commands.experiments import FINISHED, exp_show, experiments, run_
 from genfusion.errors import GenfusionError
 from genfusion.params import VAL_SET, Params, flatten, override_value, parse_params
 from genfusion.stages.evaluate import model_name
-from genfusion.stages.report import interval_table
+from genfusion.stages.report import BASELINE, excludes_zero, interval_table
 
 TUNE_PREFIX = "tune-"
 HELD_OUT = "seeds.test_scene"
@@ -155,16 +155,28 @@ def interval(row: dict, key: str) -> str:
     return cell
 
 
+def paired_difference(row: dict, key: str) -> str:
+    """The row's difference to the baseline with its paired interval, `*` when it excludes zero;
+    empty where the trial trains no baseline."""
+    if row.get(f"{key}_delta_low") is None:
+        return ""
+    cell = f"{row[f'{key}_delta']:+.3f} [{row[f'{key}_delta_low']:+.3f}, {row[f'{key}_delta_high']:+.3f}]"
+    return cell + " *" * excludes_zero(row, key)
+
+
 def trials_markdown(
     results: Sequence[dict], keys: Sequence[str], by: str, params: Params, summary: Path
 ) -> str:
     scenes = list(results[0]["folds"])
-    header = ["rank", *keys, f"{by} AP50", f"{by} AP@0.5:0.95", *(f"val AP50, fold {s}" for s in scenes)]
+    # A variant's trials show its paired difference to the baseline trained beside it.
+    paired = by != BASELINE
+    header = ["rank", *keys, f"{by} AP50", *[f"Δ AP50 to {BASELINE}"] * paired, f"{by} AP@0.5:0.95"]
+    header += [f"val AP50, fold {s}" for s in scenes]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rank, result in enumerate(results, start=1):
         row = result["pooled"][by]
         cells = [str(rank), *(json.dumps(result["settings"].get(k)) for k in keys)]
-        cells += [interval(row, "map50"), interval(row, "map")]
+        cells += [interval(row, "map50"), *[paired_difference(row, "map50")] * paired, interval(row, "map")]
         cells += [f"{result['folds'][s][by]:.3f}" for s in scenes]
         lines.append("| " + " | ".join(cells) + " |")
     first = results[0]
