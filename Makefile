@@ -2,7 +2,8 @@
 #   make repro   set up .venv, fetch the bundled seeds from the demo DVC remote, run `dvc repro`
 #   make test    set up .venv and run the whole test suite (CI runs `make lint test`, via .ci/run)
 # and the development loop (docs/contributing.md):
-#   make study       the full study: every variant, three seeds, each scene held out (about 2 h)
+#   make study       the full study: every variant, three seeds, each scene held out (2 h 9 min
+#                    measured with 100 epochs; more with the tuned 200, not yet measured)
 #   make test-fast   the tests without the integration ones (under 2 minutes)
 #   make lint        ruff's lint and format checks
 #   make docs        the manual, served at http://127.0.0.1:8000 (mkdocs serve)
