@@ -28,7 +28,7 @@ from genfusion.commands.experiments import FINISHED, exp_show, experiments, run_
 from genfusion.errors import GenfusionError
 from genfusion.params import VAL_SET, Params, flatten, override_value, parse_params
 from genfusion.stages.evaluate import model_name
-from genfusion.stages.report import BASELINE, excludes_zero, interval_table
+from genfusion.stages.report import BASELINE, difference_cell, interval_cell, interval_table
 
 TUNE_PREFIX = "tune-"
 HELD_OUT = "seeds.test_scene"
@@ -148,22 +148,6 @@ def score_trial(trial: Sequence[TrialFold], scenes: Path, predictions: Path, par
     }
 
 
-def interval(row: dict, key: str) -> str:
-    cell = f"{row[f'{key}_mean']:.3f}"
-    if f"{key}_low" in row:
-        cell += f" [{row[f'{key}_low']:.3f}, {row[f'{key}_high']:.3f}]"
-    return cell
-
-
-def paired_difference(row: dict, key: str) -> str:
-    """The row's difference to the baseline with its paired interval, `*` when it excludes zero;
-    empty where the trial trains no baseline."""
-    if row.get(f"{key}_delta_low") is None:
-        return ""
-    cell = f"{row[f'{key}_delta']:+.3f} [{row[f'{key}_delta_low']:+.3f}, {row[f'{key}_delta_high']:+.3f}]"
-    return cell + " *" * excludes_zero(row, key)
-
-
 def trials_markdown(
     results: Sequence[dict], keys: Sequence[str], by: str, params: Params, summary: Path
 ) -> str:
@@ -176,7 +160,8 @@ def trials_markdown(
     for rank, result in enumerate(results, start=1):
         row = result["pooled"][by]
         cells = [str(rank), *(json.dumps(result["settings"].get(k)) for k in keys)]
-        cells += [interval(row, "map50"), *[paired_difference(row, "map50")] * paired, interval(row, "map")]
+        cells += [interval_cell(row, "map50"), *[difference_cell(row, "map50")] * paired]
+        cells += [interval_cell(row, "map")]
         cells += [f"{result['folds'][s][by]:.3f}" for s in scenes]
         lines.append("| " + " | ".join(cells) + " |")
     first = results[0]

@@ -145,6 +145,29 @@ def excludes_zero(row: dict, key: str) -> bool:
     return low is not None and (low > 0 or high < 0)
 
 
+def interval_cell(row: dict, key: str, spread: bool = False) -> str:
+    """`key`'s mean, with `± std` when `spread`, and its interval when the row has one."""
+    cell = f"{row[f'{key}_mean']:.3f}"
+    if spread:
+        cell += f" ± {row[f'{key}_std']:.3f}"
+    if f"{key}_low" in row:
+        cell += f" [{row[f'{key}_low']:.3f}, {row[f'{key}_high']:.3f}]"
+    return cell
+
+
+def difference_cell(row: dict, key: str) -> str:
+    """`key`'s difference to the baseline with its paired interval, `*` when that excludes zero;
+    empty where the row has no difference (the baseline itself, or a run without one)."""
+    delta = row.get(f"{key}_delta")
+    if delta is None:
+        return ""
+    cell = f"{delta:+.3f}"
+    if row.get(f"{key}_delta_low") is not None:
+        cell += f" [{row[f'{key}_delta_low']:+.3f}, {row[f'{key}_delta_high']:+.3f}]"
+        cell += " *" * excludes_zero(row, key)
+    return cell
+
+
 def markdown_table(summary: dict[str, dict[str, dict]]) -> str:
     rows = [row for models in summary.values() for row in models.values()]
     box = BOX_METRICS
@@ -157,23 +180,9 @@ def markdown_table(summary: dict[str, dict[str, dict]]) -> str:
     for variant, models in summary.items():
         for model, row in models.items():
             cells = [variant, model, str(row["seeds"]), *[str(row.get("train_images"))] * counted]
-            for key, _ in box:
-                cell = f"{row[f'{key}_mean']:.3f}"
-                if row["seeds"] > 1:  # one seed has no spread to show
-                    cell += f" ± {row[f'{key}_std']:.3f}"
-                if f"{key}_low" in row:
-                    cell += f" [{row[f'{key}_low']:.3f}, {row[f'{key}_high']:.3f}]"
-                cells.append(cell)
-            for key, _ in box:
-                delta = row[f"{key}_delta"]
-                if variant == BASELINE or delta is None:
-                    cells.append("")
-                    continue
-                cell = f"{delta:+.3f}"
-                if f"{key}_delta_low" in row:
-                    cell += f" [{row[f'{key}_delta_low']:+.3f}, {row[f'{key}_delta_high']:+.3f}]"
-                    cell += " *" * excludes_zero(row, key)
-                cells.append(cell)
+            # One seed has no spread to show.
+            cells += [interval_cell(row, key, spread=row["seeds"] > 1) for key, _ in box]
+            cells += [difference_cell(row, key) if variant != BASELINE else "" for key, _ in box]
             cells += [f"{row[f'{key}_mean']:.3f}" for key, _ in plain]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -185,11 +194,7 @@ def per_seed_table(summary: dict[str, dict[str, dict]]) -> str:
     for variant, models in summary.items():
         for model, row in models.items():
             for seed, paired in row.get("paired", {}).items():
-                cells = [variant, model, seed]
-                for key in ("map50", "map"):
-                    low, high = paired[f"{key}_delta_low"], paired[f"{key}_delta_high"]
-                    mark = " *" if low > 0 or high < 0 else ""
-                    cells.append(f"{paired[f'{key}_delta']:+.3f} [{low:+.3f}, {high:+.3f}]{mark}")
+                cells = [variant, model, seed, *(difference_cell(paired, key) for key in ("map50", "map"))]
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
