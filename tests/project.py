@@ -33,15 +33,20 @@ OUTPUTS = (
 )
 
 
-def run(repo: Path, *args: str, env: Mapping[str, str] | None = None) -> str:
+def attempt(repo: Path, *args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a command in `repo` with this venv's tools first on PATH (after `env`'s PATH, when it
-    has one, and with its other variables set); fail the test on an error."""
+    has one, and with its other variables set), and return how it ended."""
     extra = dict(env or {})
     first = [extra.pop("PATH")] if "PATH" in extra else []
     path = os.pathsep.join([*first, str(Path(sys.executable).parent), os.environ["PATH"]])
-    done = subprocess.run(
+    return subprocess.run(
         args, cwd=repo, env=os.environ | extra | {"PATH": path}, capture_output=True, text=True
     )
+
+
+def run(repo: Path, *args: str, env: Mapping[str, str] | None = None) -> str:
+    """`attempt`, failing the test on an error; its output."""
+    done = attempt(repo, *args, env=env)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
 

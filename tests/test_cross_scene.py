@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from project import commit, project_repo, run
+from project import attempt, commit, project_repo, run
 from tiny_pipeline import TINY
 
 from genfusion.commands.cross_scene import fold_name, folds_in, profile_of_folds, run_commands
@@ -131,10 +129,7 @@ def test_folds_hold_out_each_scene_and_pool_every_object(tmp_path_factory: pytes
         assert "validate@real-0" in lock["stages"]
         assert not [stage for stage in lock["stages"] if "evaluate" in stage]
     assert "| 1 | 0." in (repo / "reports/tuning.md").read_text()
-    cli = str(Path(sys.executable).parent / "genfusion")
-    done = subprocess.run(
-        [cli, "tune", "report", "--by", "composite"], cwd=repo, capture_output=True, text=True
-    )
+    done = attempt(repo, "genfusion", "tune", "report", "--by", "composite")
     assert done.returncode == 2 and "none of the 1 finished trials trains a 'composite'" in done.stderr
 
     # A trial's outputs missing from this clone's cache, as after fetching its experiments'
@@ -144,7 +139,7 @@ def test_folds_hold_out_each_scene_and_pool_every_object(tmp_path_factory: pytes
     (md5,) = (out["md5"] for out in lock["stages"]["validate@real-0"]["outs"] if out["path"] == predictions)
     (repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).unlink()
     before = (repo / "reports/tuning.md").read_text()
-    done = subprocess.run([cli, "tune", "report"], cwd=repo, capture_output=True, text=True)
+    done = attempt(repo, "genfusion", "tune", "report")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert predictions in done.stderr and "dvc exp pull" in done.stderr
     assert (repo / "reports/tuning.md").read_text() == before
