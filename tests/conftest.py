@@ -35,21 +35,67 @@ TINY_PIPELINE_MODULES = (
 )
 
 
+# The longest work units, longest first: the tiny pipeline's modules (its one run, then their
+# tests) and the modules of whole-pipeline runs, measured on CI's 2 cores (docs/contributing.md).
+# Started first, they leave the many short modules to fill in beside them, so both workers end
+# together; pytest-xdist's own order (most tests first) left one worker idle for two minutes.
+LONGEST_FIRST = (
+    "tiny pipeline",
+    "tests/test_segment.py",
+    "tests/test_processes.py",
+    "tests/test_train.py",
+    "tests/test_inspection.py",
+    "tests/test_cross_scene.py",
+)
+
+
+def work_unit(nodeid: str) -> str:
+    """The tests that run on one worker together: a module, or the tiny pipeline's modules."""
+    module = nodeid.split("::", 1)[0]
+    return "tiny pipeline" if module in TINY_PIPELINE_MODULES else module
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest work units first (stable: the rest keep their order)."""
+    rank = {unit: position for position, unit in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(work_unit(item.nodeid), len(rank)))
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """Under pytest-xdist with `--dist loadscope` (make test): a module's tests share one worker,
-    so its module fixtures are made once, and the modules of the tiny pipeline share one, so that
-    it runs once. (pytest-xdist's own xdist_group marks do nothing on pytest 9.)"""
+    """Under pytest-xdist with `--dist loadscope` (make test): a work unit's tests share one worker,
+    so its module fixtures are made once and the tiny pipeline runs once, and the units start in
+    the collection's order, the longest first. (pytest-xdist's own xdist_group marks do nothing on
+    pytest 9.)"""
     if config.getvalue("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class ModuleScheduling(LoadScopeScheduling):
+    class WorkUnitScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return "tiny pipeline" if module in TINY_PIPELINE_MODULES else module
+            return work_unit(nodeid)
 
-    return ModuleScheduling(config, log)
+    # The collection's order, not pytest-xdist's (the units with the most tests first).
+    config.option.loadscopereorder = False
+    return WorkUnitScheduling(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker and every process it starts compute on cores of their own
+    (on CI's 2 cores, one each). Stages size their threads from the cores they may use
+    (`launch.use_threads`), so unpinned, two workers ran four threads on two cores, and a stage
+    took 1.4 times as long as beside a pinned neighbour (110 s against 79 s for the segmentation
+    pipeline, 2026-12-07; docs/contributing.md)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+    if worker is None:
+        return
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    cores = sorted(os.sched_getaffinity(0))
+    index = int(worker.removeprefix("gw"))
+    # More workers than cores share them round the cores.
+    mine = cores[index::workers] or [cores[index % len(cores)]]
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(len(mine))
 
 
 @pytest.fixture(scope="session")

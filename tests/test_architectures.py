@@ -23,7 +23,7 @@ from genfusion.params import load_params
 from genfusion.stages import base_model, class_images, finetune, generate, prelabel, variations
 from genfusion.stages.seeds import run_seeds
 
-TORCH_THREADS = 2  # this module's torch threads (conftest.module_state)
+TORCH_THREADS = 1  # this module's torch threads (conftest.module_state): a worker's one core of CI's two
 ROOT = Path(__file__).resolve().parents[1]
 # What each architecture fine-tunes: the profile's full UNet (with its gradient checkpointing) on
 # SD 1.x and 2.x, LoRA on SDXL (as diffusers' SDXL DreamBooth example trains it).

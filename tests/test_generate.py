@@ -23,7 +23,7 @@ from genfusion.layout import MANIFEST
 from genfusion.params import GenerateParams, parse_params
 from genfusion.stages.base_model import save_builtin
 
-TORCH_THREADS = 2  # this module's torch threads (conftest.module_state)
+TORCH_THREADS = 1  # this module's torch threads (conftest.module_state): a worker's one core of CI's two
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["an aerial photo of tree crowns", "tree crowns seen from above"]
 # Tiny settings: 32 px, 2 DDIM steps, batches of 2.

@@ -27,7 +27,7 @@ from genfusion.params import PrelabelParams, load_params
 from genfusion.stages import label_quality, prelabel
 from genfusion.stages.base_model import save_builtin
 
-TORCH_THREADS = 2  # this module's torch threads (conftest.module_state)
+TORCH_THREADS = 1  # this module's torch threads (conftest.module_state): a worker's one core of CI's two
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["tree", "dead tree"]
 # At 32 px the tiny model's attention maps are 8 x 8 cells.

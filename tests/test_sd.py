@@ -26,7 +26,7 @@ from genfusion.errors import GenfusionError
 from genfusion.params import DiffusionParams, SchedulerName
 from genfusion.stages.base_model import TileSampler, pretrain_tiny, save_builtin
 
-TORCH_THREADS = 2  # this module's torch threads (conftest.module_state)
+TORCH_THREADS = 1  # this module's torch threads (conftest.module_state): a worker's one core of CI's two
 PROMPT = "an aerial photo of tree crowns"
 
 

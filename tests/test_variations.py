@@ -19,7 +19,7 @@ from genfusion.stages.base_model import save_builtin
 from genfusion.stages.seeds import run_seeds
 from genfusion.stages.variations import make_variations, source_pairs
 
-TORCH_THREADS = 2  # this module's torch threads (conftest.module_state)
+TORCH_THREADS = 1  # this module's torch threads (conftest.module_state): a worker's one core of CI's two
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"per_image": 2, "strength": 0.5, "steps": 2, "batch": 4, "seed": 11}
 CORE = {"guidance": 2.0, "prompt": "an aerial photo of tree crowns", "resolution": 32}
