@@ -414,7 +414,11 @@ def test_the_app_shows_the_dataset_in_a_real_browser(built: Path, tmp_path: Path
             )
             if all(text in dom.stdout for text in texts):
                 break
-        subprocess.run([browser, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=180)
+        # The same for the screenshot: a page still loading is blank (one colour).
+        for _ in range(3):
+            subprocess.run([browser, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=180)
+            if rgb_of(shot).std() > 10:
+                break
     finally:
         os.killpg(app.pid, 15)
         app.wait(timeout=60)

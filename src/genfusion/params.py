@@ -295,6 +295,8 @@ class LayoutParams(Section):
 
 class CompositeParams(LayoutParams):
     section: ClassVar[str] = "composite"
+    # Chosen on the folds' val scenes (reports/tuning-composite.md); inpaint keeps 4.
+    per_image: NonNegativeInt = 8
     flip: bool = True
     colour_jitter: Annotated[float, Field(ge=0, lt=1)] = 0.1
     blend: Literal["gaussian", "poisson"] = "gaussian"
