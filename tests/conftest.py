@@ -41,11 +41,11 @@ TINY_PIPELINE_MODULES = (
 # together; pytest-xdist's own order (most tests first) left one worker idle for two minutes.
 LONGEST_FIRST = (
     "tiny pipeline",
-    "tests/test_segment.py",
     "tests/test_processes.py",
-    "tests/test_train.py",
-    "tests/test_inspection.py",
     "tests/test_cross_scene.py",
+    "tests/test_train.py",
+    "tests/test_segment.py",
+    "tests/test_inspection.py",
 )
 
 

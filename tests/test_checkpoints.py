@@ -19,20 +19,13 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+TORCH_THREADS = 1  # this module's torch threads (conftest.module_state): a worker's one core of CI's two
 # name: pipeline class, prediction type, cross_attention_dim, use_linear_projection
 EXPECTED = {
     "sd1": (StableDiffusionPipeline, "epsilon", 32, False),
     "sd2": (StableDiffusionPipeline, "v_prediction", 1024, True),
     "sdxl": (StableDiffusionXLPipeline, "epsilon", 96, True),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
