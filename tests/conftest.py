@@ -83,9 +83,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist, each worker and every process it starts compute on cores of their own
     (on CI's 2 cores, one each). Stages size their threads from the cores they may use
-    (`launch.use_threads`), so unpinned, two workers ran four threads on two cores, and a stage
-    took 1.4 times as long as beside a pinned neighbour (110 s against 79 s for the segmentation
-    pipeline, 2026-12-07; docs/contributing.md)."""
+    (`launch.use_threads`), so unpinned, two workers ran four threads on two cores: the
+    segmentation pipeline beside a copy of itself took 110 s unpinned and 79 s pinned (75 s
+    alone; 2026-12-07, docs/contributing.md)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
     if worker is None:
         return
