@@ -414,9 +414,12 @@ def test_the_app_shows_the_dataset_in_a_real_browser(built: Path, tmp_path: Path
             )
             if all(text in dom.stdout for text in texts):
                 break
-        # The same for the screenshot: a page still loading is blank (one colour).
-        for _ in range(3):
-            subprocess.run([browser, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=180)
+        # The same for the screenshot: a page still loading is blank (one colour). A slower
+        # machine rendered three blank ones in a row, so each try gives the page more virtual time.
+        for attempt in range(1, 5):
+            budget = f"--virtual-time-budget={20000 * attempt}"
+            shoot = [browser, *flags, budget, f"--screenshot={shot}", url]
+            subprocess.run(shoot, capture_output=True, timeout=180)
             if rgb_of(shot).std() > 10:
                 break
     finally:
