@@ -3,7 +3,8 @@
 #   make test    set up .venv and run the whole test suite (CI runs `make lint test`, via .ci/run)
 # and the development loop (docs/contributing.md):
 #   make study       the full study: every variant, three seeds, each scene held out (2 h 9 min
-#                    measured with 100 epochs; more with the tuned 200, not yet measured)
+#                    measured with 100 epochs; more with the tuned 200, not yet measured); run
+#                    again, it goes on where it stopped
 #   make test-fast   the tests without the integration ones (under 2 minutes)
 #   make lint        ruff's lint and format checks
 #   make docs        the manual, served at http://127.0.0.1:8000 (mkdocs serve)
@@ -41,11 +42,12 @@ seeds: setup
 	dvc pull --quiet data/seeds/neon-trees.dvc
 
 # The study (docs/evaluation.md, "Cross-scene"): profiles/study.yaml's variants and seeds on
-# each scene held out in turn, as queued DVC experiments, then their pooled report
+# each scene held out in turn, as queued DVC experiments (one per scene and seed, two at a time;
+# those already run are skipped), then their pooled report
 # (reports/cross_scene.md, metrics/cross_scene.json). After `make repro` its fold of the default
 # test scene reuses what that run trained.
 study: seeds
-	genfusion cross-scene run --profile profiles/study.yaml
+	genfusion cross-scene run --profile profiles/study.yaml --jobs 2
 	genfusion cross-scene report
 
 # What only the tests need, installed here so that no test installs anything: Label Studio in its

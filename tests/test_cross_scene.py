@@ -10,10 +10,20 @@ import yaml
 from project import attempt, commit, project_repo, run
 from tiny_pipeline import TINY
 
-from genfusion.commands.cross_scene import fold_name, folds_in, profile_of_folds, run_commands
+from genfusion.commands.cross_scene import (
+    Fold,
+    fold_name,
+    folds_in,
+    plan,
+    profile_of_folds,
+    run_commands,
+    study_name,
+    study_runs,
+    to_run,
+)
 from genfusion.commands.experiments import revisions
 from genfusion.errors import GenfusionError
-from genfusion.params import load_params
+from genfusion.params import load_params, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENES = {"2019_YELL_2_541000_4977000_image_crop": 279, "OSBS_029": 61, "SOAP_061": 37}
@@ -26,33 +36,100 @@ FOLD_PARAMS = TINY | {
 }
 
 
-def test_run_queues_one_fold_per_scene_up_to_the_report(neon_seeds: Path, tmp_path: Path) -> None:
-    params = load_params(ROOT / "params.yaml")
-    commands = run_commands(
-        params.model_copy(update={"seeds": params.seeds.model_copy(update={"source": neon_seeds})}), 2
-    )
+def test_run_queues_one_experiment_per_seed_and_scene_up_to_the_report() -> None:
+    params_data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    planned = plan(params_data, list(SCENES), ["train.variants=[real,composite]", "train.seeds=[0,1]"])
+    # Seed by seed: a study stopped part way has whole seeds of some folds.
+    assert [(fold.seed, fold.scene) for fold in planned] == [(seed, s) for seed in (0, 1) for s in SCENES]
+    assert [fold.name for fold in planned] == [study_name(f.scene, f.seed) for f in planned]
+    assert len({fold.name for fold in planned}) == len(planned)
+    commands = run_commands(planned, 2)
     assert commands[-1] == ["dvc", "exp", "run", "--run-all", "-j", "2"]
-    queued = {c[c.index("-n") + 1]: c[c.index("-S") + 1] for c in commands[:-1]}
-    assert queued == {
-        fold_name(scene): f"seeds.test_scene={scene if scene[0].isalpha() else repr(scene)}"
-        for scene in SCENES
+    for fold, command in zip(planned, commands[:-1], strict=True):
+        assert command[:6] == ["dvc", "exp", "run", "--queue", "-n", fold.name] and command[-1] == "report"
+        settings = [command[i + 1] for i, word in enumerate(command) if word == "-S"]
+        scene = fold.scene if fold.scene[0].isalpha() else repr(fold.scene)
+        # The study's seeds become one seed per experiment; every other override is kept.
+        assert settings == [
+            "train.variants=[real,composite]",
+            f"seeds.test_scene={scene}",
+            f"train.seeds=[{fold.seed}]",
+        ]
+        assert fold.flat_params["train.seeds"] == [fold.seed]
+        assert fold.flat_params["seeds.test_scene"] == fold.scene
+        assert fold.flat_params["train.variants"] == ["real", "composite"]
+    assert fold_name("plot 7/a") == "fold-plot-7-a" and study_name("plot 7/a", 2) == "fold-plot-7-a-seed-2"
+    assert run_commands([], 2) == []
+    with pytest.raises(GenfusionError, match=r"-S 'train.seeds': an override is key=value"):
+        plan(params_data, list(SCENES), ["train.seeds"])
+
+
+def shown_of(*experiments: tuple[str, dict | None, dict]) -> list[dict]:
+    """`dvc exp show --all-commits --json` output (DVC 3's shape) of (name, executor, params)."""
+
+    def experiment(name: str, executor: dict | None, params: dict) -> dict:
+        data = {"params": {"params.yaml": {"data": params}}}
+        return {"name": name, "executor": executor, "revs": [{"rev": name, "name": name, "data": data}]}
+
+    return [{"rev": "abc", "data": {}, "experiments": [experiment(*e) for e in experiments]}]
+
+
+def test_a_study_goes_on_where_it_stopped() -> None:
+    params_data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    planned = plan(params_data, list(SCENES), ["train.seeds=[0,1]"])
+    first, second, third = planned[:3]
+    # Nested as DVC shows them: the flattened params of a finished fold, less nothing.
+    nested = with_overrides(params_data, first.overrides)
+    other = with_overrides(params_data, [*second.overrides, "train.epochs=7"])
+    shown = shown_of(
+        (first.name, None, nested),  # finished with the same params, on any commit
+        (second.name, {"state": "success"}, other),  # finished with other params: run again
+        (third.name, {"state": "queued"}, {}),  # queued: not queued twice
+        ("tune-1234-" + fold_name(planned[3].scene), None, with_overrides(params_data, planned[3].overrides)),
+    )
+    # The tuning experiment stops at `validate`: it counts for no fold, even with the same params.
+    assert [fold.name for fold in to_run(planned, shown)] == [second.name, *[f.name for f in planned[3:]]]
+
+
+def fold_of(name: str, scene: str, seeds: list[int], **settings: object) -> Fold:
+    params = load_params(ROOT / "params.yaml")
+    params = params.model_copy(update={"train": params.train.model_copy(update={"seeds": seeds})})
+    return Fold(scene, name, name, params, {"train.epochs": 200} | settings, {})
+
+
+def test_the_report_takes_one_experiment_per_scene_and_seed_of_one_study() -> None:
+    folds = [fold_of(study_name(s, seed), s, [seed]) for seed in (0, 1) for s in SCENES]
+    runs = study_runs(folds, list(SCENES))
+    assert list(runs) == sorted(SCENES)
+    assert {scene: {seed: f.name for seed, f in by_seed.items()} for scene, by_seed in runs.items()} == {
+        s: {0: study_name(s, 0), 1: study_name(s, 1)} for s in SCENES
     }
-    assert all(c[:4] == ["dvc", "exp", "run", "--queue"] for c in commands[:-1])
-    assert fold_name("plot 7/a") == "fold-plot-7-a"
+    # A fold of all the seeds at once (as studies before this one ran) counts for each of them.
+    whole = [fold_of(fold_name(s), s, [0, 1]) for s in SCENES]
+    assert study_runs(whole, list(SCENES))["OSBS_029"] == {0: whole[1], 1: whole[1]}
+    with pytest.raises(GenfusionError, match=r"'OSBS_029' with seed 0 is held out by several experiments"):
+        study_runs([*folds, whole[1]], list(SCENES))
+    with pytest.raises(GenfusionError, match=r"no finished fold holds out SOAP_061 \(seed 1\);"):
+        study_runs(folds[:-1], list(SCENES))
+    stale = fold_of("old", "OSBS_029", [2], **{"train.epochs": 100})
+    with pytest.raises(GenfusionError, match=r"differ in train.epochs; remove the stale ones"):
+        study_runs([*folds, stale], list(SCENES))
 
 
 def test_the_study_profile_sets_every_fold_and_a_sweep_is_refused(tmp_path: Path) -> None:
     overrides = profile_of_folds(ROOT / "profiles/study.yaml", ROOT / "params.yaml")
     study = yaml.safe_load((ROOT / "profiles/study.yaml").read_text())["train"]
     assert overrides == [
+        "threads=1",  # two experiments at once (`make study` gives --jobs 2), one core each
         f"train.variants=[{','.join(study['variants'])}]",
         f"train.seeds=[{','.join(map(str, study['seeds']))}]",
     ]
     params = load_params(ROOT / "params.yaml")
     # Every variant the default run builds, of which it trains a few.
     assert set(study["variants"]) == {"real", *params.datasets.variants} > set(params.train.variants)
-    fold = run_commands(params, 1, overrides)[0]
-    assert fold[-1] == "report" and fold[fold.index(overrides[0]) - 1] == "-S"
+    planned = plan(yaml.safe_load((ROOT / "params.yaml").read_text()), list(SCENES), overrides)
+    assert len(planned) == len(SCENES) * len(study["seeds"])
+    assert f"-S {overrides[0]}" in " ".join(run_commands(planned, 1)[0])
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("sweep:\n  train.epochs: [10, 20]\n")
     with pytest.raises(GenfusionError, match=r"sweep.yaml: sweep: a fold is one experiment"):
@@ -79,7 +156,7 @@ def test_folds_hold_out_each_scene_and_pool_every_object(tmp_path_factory: pytes
     assert set(folds) == set(SCENES)
     for scene, fold in folds.items():
         assert set(fold.summary["test"]) == {"real"}
-        assert fold.params.seeds.test_scene == scene and fold.name == fold_name(scene)
+        assert fold.params.seeds.test_scene == scene and fold.name == study_name(scene, 0)
         # Every fold's detector started from those weights (that train loads them, rather than
         # the architecture only, is tests/test_train.py's).
         assert fold.params.train.model == weights
@@ -90,13 +167,20 @@ def test_folds_hold_out_each_scene_and_pool_every_object(tmp_path_factory: pytes
         (folder,) = (dep for dep in train["deps"] if dep["path"] == "models/pretrained")
         files = [f for f in (repo / "models/pretrained").iterdir() if f.is_file()]
         assert (folder["nfiles"], folder["size"]) == (len(files), sum(f.stat().st_size for f in files))
+    # Run again, the study finds every fold done, by the params DVC recorded for each.
+    again = run(repo, "genfusion", "cross-scene", "run", "-S", f"train.model={weights}", "--dry-run")
+    assert "3 folds x 1 seed(s); 0 experiments to run (3 already run or queued)" in again
+    assert "dvc exp run" not in again
     run(repo, "genfusion", "cross-scene", "report")
     pooled = json.loads((repo / "metrics/cross_scene.json").read_text())
+    assert pooled["experiments"] == {scene: {"0": study_name(scene, 0)} for scene in sorted(SCENES)}
     table = (repo / "reports/cross_scene.md").read_text()
     assert f"{len(SCENES)} scenes, {sum(SCENES.values())} objects in all" in table
     for scene in SCENES:
+        # Each fold's figures, scored again from its detections, are its own report's (which
+        # adds the training set's size).
         row = folds[scene].summary["test"]["real"][model]
-        assert pooled["folds"][scene]["real"][model]["map50_mean"] == row["map50_mean"]
+        assert pooled["folds"][scene]["real"][model].items() < row.items()
         assert f"| {scene} | {row['map50_mean']:.3f}" in table
     real = pooled["pooled"]["real"][model]
     assert real["seeds"] == 1

@@ -692,7 +692,7 @@ app.add_typer(cross_scene_app, name="cross-scene")
 
 @cross_scene_app.command("run")
 def cross_scene_run(
-    jobs: Annotated[int, typer.Option(help="Folds run at once (each a full pipeline).")] = 1,
+    jobs: Annotated[int, typer.Option(help="Experiments run at once (each a full pipeline).")] = 1,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -706,11 +706,12 @@ def cross_scene_run(
     dry_run: Annotated[bool, typer.Option(help="Print the dvc commands instead of running them.")] = False,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Queue and run one experiment per scene of seeds.source, holding it out as the test split."""
+    """Queue and run one experiment per scene of seeds.source and training seed, the scene held out
+    as the test split; experiments already run with the same params are skipped."""
     from genfusion.commands.cross_scene import profile_of_folds, run_main
 
     overrides = [*(profile_of_folds(profile, params_path) if profile else []), *(set_ or [])]
-    sys.exit(run_main(_params(params_path), jobs=jobs, overrides=overrides, dry_run=dry_run))
+    sys.exit(run_main(params_path, jobs=jobs, overrides=overrides, dry_run=dry_run))
 
 
 @cross_scene_app.command("report")

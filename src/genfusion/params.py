@@ -15,6 +15,7 @@ import itertools
 import math
 import re
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -639,6 +640,21 @@ def override_value(value: Any) -> str:
     if value is None:
         return "null"
     return str(value)
+
+
+def with_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Params data with `key=value` overrides applied in turn, each value read as YAML: what
+    `dvc exp run -S` writes for the overrides `override_value` makes."""
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        if not equals or not key:
+            raise GenfusionError(f"-S {override!r}: an override is key=value (train.seeds=[0])")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise GenfusionError(f"-S {override!r}: the value is not valid YAML: {exc}") from exc
+        data = _merged(data, _nested(key.split("."), parsed))
+    return data
 
 
 def profile_overrides(profile_path: Path, params_path: Path = Path("params.yaml")) -> list[str]:

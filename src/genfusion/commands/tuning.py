@@ -22,16 +22,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from genfusion import fsio, scoring
-from genfusion.commands.cross_scene import fold_name, pooled, refuse_a_scene_held_out_twice, scene_names
+from genfusion import fsio
+from genfusion.commands.cross_scene import (
+    HELD_OUT,
+    fold_name,
+    held_out_set,
+    pooled,
+    refuse_a_scene_held_out_twice,
+    scene_names,
+    scored,
+)
 from genfusion.commands.experiments import FINISHED, exp_show, experiments, run_each
 from genfusion.errors import GenfusionError
 from genfusion.params import VAL_SET, Params, flatten, override_value, parse_params
 from genfusion.stages.evaluate import model_name
-from genfusion.stages.report import BASELINE, difference_cell, interval_cell, interval_table
+from genfusion.stages.report import BASELINE, difference_cell, interval_cell
 
 TUNE_PREFIX = "tune-"
-HELD_OUT = "seeds.test_scene"
 
 
 def trial_id(overrides: Sequence[str]) -> str:
@@ -126,15 +133,10 @@ def score_trial(trial: Sequence[TrialFold], scenes: Path, predictions: Path, par
     """A trial's val scenes pooled over its folds: every row's AP with intervals and its difference
     to `real`, as the cross-scene report gives for the test scenes, and each fold's own AP50."""
     rows, seeds = trial[0].params.train.variants, trial[0].params.train.seeds
-    runs = [(fold.rev, rows, seeds) for fold in trial]
-    truth, detections = pooled(runs, scenes / VAL_SET, predictions / VAL_SET)
-    model = model_name(trial[0].params.train.model)
-    records = [
-        {"variant": row, "seed": seed, "model": model}
-        | scoring.score(scoring.match(truth, found, None), params.evaluate.pr_conf)[0]
-        for (row, seed), found in detections.items()
-    ]
-    table, _ = interval_table(truth, detections, records, params.evaluate)
+    revs = [dict.fromkeys(seeds, fold.rev) for fold in trial]
+    sets = [held_out_set(by_seed, rows, scenes / VAL_SET, predictions / VAL_SET) for by_seed in revs]
+    truth, detections = pooled(sets)
+    table, _ = scored(truth, detections, model_name(trial[0].params.train.model), params)
     folds = {
         fold.scene: {row: sum(fold.val[(row, s)]["map50"] for s in seeds) / len(seeds) for row in rows}
         for fold in trial
