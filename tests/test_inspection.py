@@ -401,6 +401,10 @@ def test_the_app_shows_the_dataset_in_a_real_browser(built: Path, tmp_path: Path
             "--no-first-run",
             f"--user-data-dir={tmp_path / 'chromium'}",
             "--window-size=1280,900",
+            # Draw every frame whole before it is shot, and keep shared memory out of the
+            # renderer's way: both are known causes of blank headless screenshots.
+            "--run-all-compositor-stages-before-draw",
+            "--disable-dev-shm-usage",
         ]
         # Virtual time Chromium gives the page before it dumps or shoots it.
         budget = "--virtual-time-budget=20000"
@@ -420,9 +424,10 @@ def test_the_app_shows_the_dataset_in_a_real_browser(built: Path, tmp_path: Path
         for attempt in range(1, 5):
             longer = f"--virtual-time-budget={20000 * attempt}"
             shoot = [browser, *flags, longer, f"--screenshot={shot}", url]
-            subprocess.run(shoot, capture_output=True, timeout=180)
+            shot_run = subprocess.run(shoot, capture_output=True, text=True, timeout=180)
             if rgb_of(shot).std() > 10:
                 break
+            time.sleep(5 * attempt)  # real time too, for a server slow to answer
     finally:
         os.killpg(app.pid, 15)
         app.wait(timeout=60)
@@ -443,7 +448,7 @@ def test_the_app_shows_the_dataset_in_a_real_browser(built: Path, tmp_path: Path
     assert plain and not twice, said
     # The screenshot shows more than a blank page.
     pixels = rgb_of(shot)
-    assert pixels.std() > 10  # a rendered page, not a blank one
+    assert pixels.std() > 10, shot_run.stderr[-3000:]  # a rendered page, not a blank one
 
 
 def test_clip_embedding_loads_a_locally_saved_checkpoint(tmp_path: Path) -> None:
