@@ -246,19 +246,6 @@ def verdict_panels(results: dict, scenes: int) -> dict[str, dict]:
     return panels | {f"held out {scene}": table for scene, table in results["folds"].items()}
 
 
-def refuse_a_scene_held_out_twice(folds: Sequence[Fold], what: str) -> None:
-    """Folds (of one trial: anything with a `scene` and a `name`) hold out each scene once; two
-    experiments of one scene are a stale one and a new one."""
-    held_out = [fold.scene for fold in folds]
-    twice = sorted({scene for scene in held_out if held_out.count(scene) > 1})
-    if twice:
-        names = [fold.name for fold in folds if fold.scene == twice[0]]
-        raise GenfusionError(
-            f"{what}: scene {twice[0]!r} is held out by several experiments ({', '.join(names)});"
-            " remove the stale ones with `dvc exp remove`"
-        )
-
-
 def study_runs(folds: Sequence[Fold], scenes: Sequence[str]) -> dict[str, dict[int, Fold]]:
     """The study's experiment for each held-out scene and training seed, checked whole: one
     study's params in all of them, every scene held out with every seed, each pair once."""

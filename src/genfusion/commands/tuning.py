@@ -28,7 +28,6 @@ from genfusion.commands.cross_scene import (
     fold_name,
     held_out_set,
     pooled,
-    refuse_a_scene_held_out_twice,
     scene_names,
     scored,
 )
@@ -104,6 +103,19 @@ def trial_folds(shown: object) -> list[TrialFold]:
             settings = {k: v for k, v in flatten(rev["params"]).items() if k != HELD_OUT}
             found.append(TrialFold(name, rev["rev"], scene, params, settings, val))
     return found
+
+
+def refuse_a_scene_held_out_twice(folds: Sequence[TrialFold], what: str) -> None:
+    """A trial's folds hold out each scene once; two experiments of one scene are a stale one and
+    a new one."""
+    held_out = [fold.scene for fold in folds]
+    twice = sorted({scene for scene in held_out if held_out.count(scene) > 1})
+    if twice:
+        names = [fold.name for fold in folds if fold.scene == twice[0]]
+        raise GenfusionError(
+            f"{what}: scene {twice[0]!r} is held out by several experiments ({', '.join(names)});"
+            " remove the stale ones with `dvc exp remove`"
+        )
 
 
 def group_trials(folds: Sequence[TrialFold], scenes: Sequence[str]) -> list[list[TrialFold]]:
