@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from headless_browser import Page
 from PIL import Image
 from project import ROOT, not_installed
 
@@ -380,6 +381,7 @@ def test_the_app_shows_the_dataset_in_a_real_browser(built: Path, tmp_path: Path
             start_new_session=True,
         )
     texts = ("genfusion-test", "ground_truth", "auto_labels")
+    shot = tmp_path / "app.png"
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -391,48 +393,28 @@ def test_the_app_shows_the_dataset_in_a_real_browser(built: Path, tmp_path: Path
             except requests.ConnectionError:
                 pass
             time.sleep(1)
-        flags = [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'chromium'}",
-            "--window-size=1280,900",
-            # Draw every frame whole before it is shot, and keep shared memory out of the
-            # renderer's way: both are known causes of blank headless screenshots.
-            "--run-all-compositor-stages-before-draw",
-            "--disable-dev-shm-usage",
-        ]
-        # Virtual time Chromium gives the page before it dumps or shoots it.
-        budget = "--virtual-time-budget=20000"
-        url = f"http://127.0.0.1:{port}/datasets/genfusion-test"
-        shot = tmp_path / "app.png"
-        # The dataset is open: its name and its label fields are on the page (the sidebar lists
-        # them once the samples are loaded). A loaded machine can take longer than the browser's
-        # virtual time to render them: look again, a few times, before failing.
-        for _ in range(3):
-            dom = subprocess.run(
-                [browser, *flags, budget, "--dump-dom", url], capture_output=True, text=True, timeout=180
-            )
-            if all(text in dom.stdout for text in texts):
-                break
-        # The same for the screenshot: a page still loading is blank (one colour). A slower
-        # machine rendered three blank ones in a row, so each try gives the page more virtual time.
-        for attempt in range(1, 5):
-            longer = f"--virtual-time-budget={20000 * attempt}"
-            shoot = [browser, *flags, longer, f"--screenshot={shot}", url]
-            shot_run = subprocess.run(shoot, capture_output=True, text=True, timeout=180)
-            if rgb_of(shot).std() > 10:
-                break
-            time.sleep(5 * attempt)  # real time too, for a server slow to answer
+
+        # The dataset is open once its name and its label fields are on the page (the sidebar
+        # lists them once the samples are loaded) and the loading screen ("Pixelating...") is
+        # gone. A loaded machine takes longer: the page is asked in real time, then shot.
+        def loaded(page: Page) -> bool:
+            return all(text in page.html() for text in texts) and "Pixelating" not in page.text()
+
+        with Page(browser, tmp_path / "chromium") as page:
+            page.open(f"http://127.0.0.1:{port}/datasets/genfusion-test")
+            page.wait_until(loaded, seconds=180)
+            dom, seen = page.html(), page.text()
+            # A page still painting is one colour: shoot again, a few times, before failing.
+            for _ in range(10):
+                page.screenshot(shot)
+                if rgb_of(shot).std() > 10:
+                    break
+                time.sleep(2)
     finally:
         os.killpg(app.pid, 15)
         app.wait(timeout=60)
     for text in texts:
-        assert text in dom.stdout, text
+        assert text in dom, f"{text} is not on the page; it shows: {seen[:2000]}"
     # Each message once: FiftyOne's loggers print through their own handler only, not also
     # through the command's (which would add each again, prefixed with its level).
     # (Rich wraps its lines at 80 columns: compared with whitespace collapsed.)
@@ -448,7 +430,7 @@ def test_the_app_shows_the_dataset_in_a_real_browser(built: Path, tmp_path: Path
     assert plain and not twice, said
     # The screenshot shows more than a blank page.
     pixels = rgb_of(shot)
-    assert pixels.std() > 10, shot_run.stderr[-3000:]  # a rendered page, not a blank one
+    assert pixels.std() > 10, f"a blank page ({shot}); it shows: {seen[:2000]}"
 
 
 def test_clip_embedding_loads_a_locally_saved_checkpoint(tmp_path: Path) -> None:
