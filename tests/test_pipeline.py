@@ -172,6 +172,21 @@ def test_the_fold_of_the_default_test_scene_reuses_the_default_run(tiny_project:
     assert re.findall(r"Running stage '([^']+)'", out) == ["seeds"], out
 
 
+def test_a_model_trained_before_comes_back_from_the_run_cache(tiny_project: Path) -> None:
+    """Params changed and changed back: the fine-tuned generator and the detector trained with the
+    first params come back from DVC's run cache, not trained again. A queued experiment, a fold or
+    a tuning trial starts in a fresh workspace, where the run cache is all that can spare them."""
+    repo = tiny_project
+    targets = ("finetune@canopy", "train@real-0")
+    other = run(repo, "dvc", "exp", "run", "-S", "finetune.steps=3", "-S", "train.epochs=2", *targets)
+    assert all(f"Running stage '{target}'" in other for target in targets), other
+    back = run(repo, "dvc", "exp", "run", "-S", "finetune.steps=2", "-S", "train.epochs=1", *targets)
+    for target in targets:
+        assert f"Stage '{target}' is cached - skipping run" in back, back
+    assert "Running stage" not in back, back
+    assert "up to date" in run(repo, "dvc", "status", *targets)
+
+
 def test_a_changed_param_touches_only_the_stages_that_read_it(tiny_project: Path) -> None:
     repo = tiny_project
     params = (repo / "params.yaml").read_text()

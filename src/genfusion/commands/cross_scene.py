@@ -5,7 +5,8 @@ evaluation holds out each scene once: fold `<scene>` is the whole pipeline up to
 `seeds.test_scene=<scene>` (train and val share the other scenes as `seeds.split` says), run as
 one DVC experiment per training seed, `fold-<scene>-seed-<n>`. Each fold retrains everything
 that the split feeds (base model, fine-tuning, generation, labels, detectors), so a fold costs a
-full `dvc repro`; its later seeds find the generators in DVC's run cache. `run` skips the
+full `dvc repro`; its later seeds find the fine-tuned generators in DVC's run cache (the image
+stages, resumable folders that the run cache does not keep, make their images again). `run` skips the
 experiments already run with the same params, so a study stopped part way goes on where it was.
 
 `report` reads every fold's test scene and detections from the experiments (DVC's cache), and
