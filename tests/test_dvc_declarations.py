@@ -302,9 +302,7 @@ def outside_the_run_cache(stage: PipelineStage) -> list[str]:
     """The outputs that keep DVC from caching the stage's run: a persistent one
     (dvc/stage/cache.py), or an uncached one that is neither a metric nor a plot (Stage.run)."""
     return [
-        str(out)
-        for out in stage.outs
-        if out.persist or not (out.use_cache or out.is_metric or out.is_plot)
+        str(out) for out in stage.outs if out.persist or not (out.use_cache or out.is_metric or out.is_plot)
     ]
 
 
