@@ -11,6 +11,7 @@ library is needed.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import subprocess
@@ -38,8 +39,12 @@ class Page:
         self._answers, answers_write = os.pipe()
 
         def onto_fds_3_and_4() -> None:
-            os.dup2(commands_read, 3)
-            os.dup2(answers_write, 4)
+            # Through fds above 4 first: a pipe end may itself be fd 3 or 4. dup2 leaves the copies
+            # open across exec, while every other descriptor Python made closes there.
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (commands_read, answers_write)]
+            for fd, copy in zip((3, 4), high, strict=True):
+                os.dup2(copy, fd)
+                os.close(copy)
 
         self.stderr = profile.parent / f"{profile.name}.stderr"
         with self.stderr.open("w") as stderr:
@@ -48,17 +53,21 @@ class Page:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
-                pass_fds=(3, 4),
+                close_fds=False,  # it would close fds 3 and 4 after onto_fds_3_and_4 made them
                 preexec_fn=onto_fds_3_and_4,
             )
         os.close(commands_read)
         os.close(answers_write)
         self._unread = b""
         self._next_id = 0
-        target = self._call(
-            "Target.createTarget", url="about:blank", newWindow=True, width=width, height=height
-        )
-        attached = self._call("Target.attachToTarget", targetId=target["targetId"], flatten=True)
+        try:
+            target = self._call(
+                "Target.createTarget", url="about:blank", newWindow=True, width=width, height=height
+            )
+            attached = self._call("Target.attachToTarget", targetId=target["targetId"], flatten=True)
+        except BaseException:
+            self.close()
+            raise
         self._session = attached["sessionId"]
 
     def __enter__(self) -> Page:
