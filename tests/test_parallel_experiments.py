@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from project import run
 
 from genfusion.commands.experiments import FINISHED, experiments
@@ -41,10 +42,12 @@ def by_name(shown: object, states: tuple = FINISHED) -> dict[str, dict]:
     return {rev["name"]: rev for rev in experiments(shown, states)}
 
 
-def committed(repo: Path, experiment: dict, path: str) -> str:
-    """A file as an experiment's commit holds it (dvclive's training metrics are outputs, not
-    `dvc exp show` metrics)."""
-    return run(repo, "git", "show", f"{experiment['rev']}:{path}")
+def trained(repo: Path, experiment: dict) -> str:
+    """The hash of dvclive's training metrics as the experiment's dvc.lock records them (they are
+    a cached output, not a `dvc exp show` metric)."""
+    lock = yaml.safe_load(run(repo, "git", "show", f"{experiment['rev']}:dvc.lock"))
+    (out,) = [out for out in lock["stages"][STAGE]["outs"] if out["path"] == TRAINED]
+    return out["md5"]
 
 
 def overrides(setting: str) -> list[str]:
@@ -74,10 +77,10 @@ def test_two_experiments_at_once_give_the_metrics_each_gives_alone(tiny_project:
     finished = by_name(now)
 
     # The learning rate changes the detector: equal metrics below are not copies of one run.
-    assert committed(repo, finished["lr-high"], TRAINED) != committed(repo, finished["lr-low"], TRAINED)
+    assert trained(repo, finished["lr-high"]) != trained(repo, finished["lr-low"])
     for name, setting in EXPERIMENTS.items():
         # Alone, in the workspace; forced, so DVC's run cache cannot hand back the queued run's outputs.
         out = run(repo, "dvc", "exp", "run", "-f", "-s", "-n", f"{name}-alone", *overrides(setting), STAGE)
         assert out.count("Running stage") == 1, out
         alone = by_name(shown(repo))[f"{name}-alone"]
-        assert committed(repo, alone, TRAINED) == committed(repo, finished[name], TRAINED), name
+        assert trained(repo, alone) == trained(repo, finished[name]), name
