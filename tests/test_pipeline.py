@@ -178,9 +178,15 @@ def test_a_model_trained_before_comes_back_from_the_run_cache(tiny_project: Path
     a tuning trial starts in a fresh workspace, where the run cache is all that can spare them."""
     repo = tiny_project
     targets = ("finetune@canopy", "train@real-0")
-    other = run(repo, "dvc", "exp", "run", "-S", "finetune.steps=3", "-S", "train.epochs=2", *targets)
-    assert all(f"Running stage '{target}'" in other for target in targets), other
-    back = run(repo, "dvc", "exp", "run", "-S", "finetune.steps=2", "-S", "train.epochs=1", *targets)
+    params = (repo / "params.yaml").read_text()
+    other = yaml.safe_load(params)
+    other["finetune"]["steps"] += 1
+    other["train"]["epochs"] += 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(other, sort_keys=False))
+    first = run(repo, "dvc", "repro", *targets)
+    assert all(f"Running stage '{target}'" in first for target in targets), first
+    (repo / "params.yaml").write_text(params)
+    back = run(repo, "dvc", "repro", *targets)
     for target in targets:
         assert f"Stage '{target}' is cached - skipping run" in back, back
     assert "Running stage" not in back, back
