@@ -49,13 +49,16 @@ def test_run_queues_one_experiment_per_seed_and_scene_up_to_the_report() -> None
         assert command[:6] == ["dvc", "exp", "run", "--queue", "-n", fold.name] and command[-1] == "report"
         settings = [command[i + 1] for i, word in enumerate(command) if word == "-S"]
         scene = fold.scene if fold.scene[0].isalpha() else repr(fold.scene)
-        # The study's seeds become one seed per experiment; every other override is kept.
+        # The study's seeds become one seed per experiment, whose real detector of that seed
+        # labels and filters (the only real detector it trains); every other override is kept.
         assert settings == [
             "train.variants=[real,composite]",
             f"seeds.test_scene={scene}",
             f"train.seeds=[{fold.seed}]",
+            f"prelabel.seed={fold.seed}",
         ]
         assert fold.flat_params["train.seeds"] == [fold.seed]
+        assert fold.flat_params["prelabel.seed"] == fold.seed
         assert fold.flat_params["seeds.test_scene"] == fold.scene
         assert fold.flat_params["train.variants"] == ["real", "composite"]
     assert fold_name("plot 7/a") == "fold-plot-7-a" and study_name("plot 7/a", 2) == "fold-plot-7-a-seed-2"

@@ -45,6 +45,9 @@ from genfusion.stages.report import interval_table, markdown_table, per_seed_tab
 FOLD_PREFIX = "fold-"
 HELD_OUT = "seeds.test_scene"
 SEEDS = "train.seeds"
+# The real detector that labels generated images and filters the made ones (train@real-<seed>):
+# an experiment of one training seed trains no other, so it is that seed's.
+LABELLER_SEED = "prelabel.seed"
 
 
 def scene_names(params: Params) -> list[str]:
@@ -77,13 +80,20 @@ class PlannedFold:
 def plan(params_data: dict, scenes: Sequence[str], overrides: Sequence[str] = ()) -> list[PlannedFold]:
     """One experiment per (seed, scene), seed by seed: a study stopped part way leaves whole seeds
     of some folds, and the second seed of a fold finds the first one's generators in DVC's run
-    cache. Every experiment takes the `dvc exp run -S` overrides given for the study."""
+    cache. Every experiment takes the `dvc exp run -S` overrides given for the study; its labels
+    and filter come from the real detector of its own seed (`prelabel.seed`), the only one it
+    trains."""
     seeds = parse_params(with_overrides(params_data, overrides)).train.seeds
-    common = [override for override in overrides if override.partition("=")[0] != SEEDS]
+    common = [override for override in overrides if override.partition("=")[0] not in (SEEDS, LABELLER_SEED)]
     planned = []
     for seed in seeds:
         for scene in scenes:
-            own = [*common, f"{HELD_OUT}={override_value(scene)}", f"{SEEDS}=[{seed}]"]
+            own = [
+                *common,
+                f"{HELD_OUT}={override_value(scene)}",
+                f"{SEEDS}=[{seed}]",
+                f"{LABELLER_SEED}={seed}",
+            ]
             settings = flatten(with_overrides(params_data, own))
             planned.append(PlannedFold(study_name(scene, seed), scene, seed, own, settings))
     return planned
@@ -153,7 +163,7 @@ def folds_in(shown: object) -> list[Fold]:
             rev["name"],
             rev["rev"],
             parse_params(rev["params"]),
-            {k: v for k, v in flatten(rev["params"]).items() if k not in (HELD_OUT, SEEDS)},
+            {k: v for k, v in flatten(rev["params"]).items() if k not in (HELD_OUT, SEEDS, LABELLER_SEED)},
             rev["summary"],
         )
         for rev in experiments(shown)
