@@ -398,7 +398,8 @@ def test_the_app_shows_the_dataset_in_a_real_browser(built: Path, tmp_path: Path
         # lists them once the samples are loaded) and the loading screen ("Pixelating...") is
         # gone. A loaded machine takes longer: the page is asked in real time, then shot.
         def loaded(page: Page) -> bool:
-            return all(text in page.html() for text in texts) and "Pixelating" not in page.text()
+            html = page.html()
+            return all(text in html for text in texts) and "Pixelating" not in page.text()
 
         with Page(browser, tmp_path / "chromium") as page:
             page.open(f"http://127.0.0.1:{port}/datasets/genfusion-test")

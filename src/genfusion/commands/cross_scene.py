@@ -48,6 +48,8 @@ SEEDS = "train.seeds"
 # The real detector that labels generated images and filters the made ones (train@real-<seed>):
 # an experiment of one training seed trains no other, so it is that seed's.
 LABELLER_SEED = "prelabel.seed"
+# What each experiment of a study sets for itself; the rest is the study's, the same in all.
+PER_EXPERIMENT = (HELD_OUT, SEEDS, LABELLER_SEED)
 
 
 def scene_names(params: Params) -> list[str]:
@@ -84,7 +86,7 @@ def plan(params_data: dict, scenes: Sequence[str], overrides: Sequence[str] = ()
     and filter come from the real detector of its own seed (`prelabel.seed`), the only one it
     trains."""
     seeds = parse_params(with_overrides(params_data, overrides)).train.seeds
-    common = [override for override in overrides if override.partition("=")[0] not in (SEEDS, LABELLER_SEED)]
+    common = [override for override in overrides if override.partition("=")[0] not in PER_EXPERIMENT]
     planned = []
     for seed in seeds:
         for scene in scenes:
@@ -163,7 +165,7 @@ def folds_in(shown: object) -> list[Fold]:
             rev["name"],
             rev["rev"],
             parse_params(rev["params"]),
-            {k: v for k, v in flatten(rev["params"]).items() if k not in (HELD_OUT, SEEDS, LABELLER_SEED)},
+            {k: v for k, v in flatten(rev["params"]).items() if k not in PER_EXPERIMENT},
             rev["summary"],
         )
         for rev in experiments(shown)
